@@ -1,0 +1,298 @@
+"""Dilated convolution with learnable spacings (DCLS) layers.
+
+``Dcls1d``/``Dcls2d``/``Dcls3d`` take the constructor arguments and keep the parameter names and shapes of the
+``dcls`` package's classes (``weight``, ``P``, ``SIG``, ``bias``), so dcls code and checkpoints keep working. The
+dense kernel is built separably (see :mod:`dcls_timm.layers.kernel`), and positions follow one axis convention for
+every version and kernel shape: ``P[0]`` is the first spatial axis.
+
+Several layers can share one position tensor through :func:`share_positions`, which moves ``P`` (and ``SIG``) into a
+:class:`DclsPositions` module; register that module once in the model so the shared tensors are one parameter each
+to optimizers, EMA and state dicts.
+"""
+import math
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.utils import _ntuple
+
+from .kernel import DCLS_VERSIONS, SIG_INIT, construct_kernel
+
+__all__ = [
+    'Dcls1d', 'Dcls2d', 'Dcls3d', 'DclsPositions', 'share_positions', 'clamp_positions_', 'dcls_layers',
+]
+
+_PADDING_MODES = ('zeros', 'reflect', 'replicate', 'circular')
+_CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _init_positions_(P: torch.Tensor, dilated_kernel_size: Sequence[int]) -> None:
+    """Normal(0, 0.5) init, clamped to the grid, as the dcls package and the papers do."""
+    with torch.no_grad():
+        nn.init.normal_(P, 0., 0.5)
+        _clamp_(P, dilated_kernel_size)
+
+
+def _clamp_(P: torch.Tensor, dilated_kernel_size: Sequence[int]) -> None:
+    # Odd sizes: +-(D // 2), as the dcls package. Even sizes: the grid spans -(D // 2) .. D // 2 - 1; the dcls
+    # package's +(D // 2) would let an element slide off the grid, where v0 loses it and its gradient for good.
+    with torch.no_grad():
+        for axis, size in enumerate(dilated_kernel_size):
+            P[axis].clamp_(-(size // 2), (size - 1) - size // 2)
+
+
+class DclsPositions(nn.Module):
+    """Positions ``P`` (and widths ``SIG`` for ``gauss``) shared by several DCLS layers.
+
+    Created by :func:`share_positions`; it must be registered in the model (e.g. as an attribute of the stage that
+    holds the layers) so its parameters appear once in ``named_parameters()`` and the state dict.
+    """
+
+    def __init__(self, P: nn.Parameter, SIG: Optional[nn.Parameter], dilated_kernel_size: Tuple[int, ...]):
+        super().__init__()
+        self.dilated_kernel_size = tuple(dilated_kernel_size)
+        self.P = P
+        if SIG is None:
+            self.register_parameter('SIG', None)
+        else:
+            self.SIG = SIG
+
+    @torch.jit.ignore
+    def clamp_parameters(self) -> None:
+        """Clamp positions in place onto the grid: ``±(D // 2)`` per axis for odd D."""
+        _clamp_(self.P, self.dilated_kernel_size)
+
+    def extra_repr(self) -> str:
+        return f'shape={tuple(self.P.shape)}, dilated_kernel_size={self.dilated_kernel_size}'
+
+
+class _DclsNd(nn.Module):
+    """Base class of the N-d DCLS convolutions (dense kernel built from K learnable-position elements)."""
+
+    ndim: int = 0
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_count: int,
+            stride: Union[int, Sequence[int]] = 1,
+            padding: Union[int, Sequence[int], str] = 0,
+            dilated_kernel_size: Union[int, Sequence[int]] = 1,
+            groups: int = 1,
+            bias: bool = True,
+            padding_mode: str = 'zeros',
+            version: str = 'gauss',
+            use_implicit_gemm: bool = True,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            in_channels: Input channels.
+            out_channels: Output channels.
+            kernel_count: Number of kernel elements K per filter.
+            stride: Convolution stride.
+            padding: Int/tuple padding per axis, ``'valid'`` or ``'same'`` (stride 1 only; pads ``D // 2`` before
+                and ``D - 1 - D // 2`` after, so position 0 is the output pixel itself also for even sizes).
+            dilated_kernel_size: Size D of the dense kernel grid per axis (any size, odd or even).
+            groups: Convolution groups.
+            bias: Learnable bias.
+            padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
+            version: Interpolation: ``'v0'`` (bilinear), ``'v1'`` (normalised triangle) or ``'gauss'``.
+            use_implicit_gemm: Accepted for compatibility with the dcls package; has no effect.
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        to_tuple = _ntuple(self.ndim)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f'in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups}).')
+        if kernel_count < 1:
+            raise ValueError(f'kernel_count must be >= 1, got {kernel_count}.')
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got '{padding_mode}'.")
+        if version not in DCLS_VERSIONS:
+            hint = " (the dcls package's 'max' version is not supported)" if version == 'max' else ''
+            raise ValueError(f"version must be one of {DCLS_VERSIONS}, got '{version}'{hint}.")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_count = kernel_count
+        self.stride = to_tuple(stride)
+        self.dilated_kernel_size = to_tuple(dilated_kernel_size)
+        if min(self.dilated_kernel_size) < 1:
+            raise ValueError(f'dilated_kernel_size must be >= 1, got {self.dilated_kernel_size}.')
+        self.groups = groups
+        self.padding_mode = padding_mode
+        self.version = version
+        self.padding, self._pad = self._resolve_padding(padding)
+        self._shared_positions: Optional[Tuple[DclsPositions]] = None
+
+        shape = (out_channels, in_channels // groups, kernel_count)
+        self.weight = nn.Parameter(torch.empty(shape, **dd))
+        self.P = nn.Parameter(torch.empty((self.ndim, *shape), **dd))
+        if version == 'gauss':
+            self.SIG = nn.Parameter(torch.empty((self.ndim, *shape), **dd))
+        else:
+            self.register_parameter('SIG', None)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **dd))
+        else:
+            self.register_parameter('bias', None)
+        self.reset_parameters()
+
+    def _resolve_padding(self, padding) -> Tuple[Union[str, Tuple[int, ...]], Optional[Tuple[int, ...]]]:
+        """Returns the padding as given (for repr) and the explicit ``F.pad`` amounts, or None if conv pads."""
+        if isinstance(padding, str):
+            if padding == 'valid':
+                return padding, None
+            if padding != 'same':
+                raise ValueError(f"padding must be an int, a tuple, 'valid' or 'same', got '{padding}'.")
+            if any(s != 1 for s in self.stride):
+                raise ValueError("padding='same' is only supported with stride 1.")
+            before = [d // 2 for d in self.dilated_kernel_size]
+            after = [d - 1 - d // 2 for d in self.dilated_kernel_size]
+        else:
+            before = after = list(_ntuple(self.ndim)(padding))
+            if min(before) < 0:
+                raise ValueError(f'padding must be >= 0, got {padding}.')
+        if before == after and self.padding_mode == 'zeros':
+            return padding if isinstance(padding, str) else tuple(before), None
+        pad = []
+        for b, a in zip(reversed(before), reversed(after)):  # F.pad wants the last axis first
+            pad += [b, a]
+        return padding if isinstance(padding, str) else tuple(before), tuple(pad)
+
+    def reset_parameters(self) -> None:
+        """nn.Conv-style init of weight and bias (as the dcls package), normal(0, 0.5) positions, sigma 0.5."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight.shape[1] * self.weight.shape[2]
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+        if self._shared_positions is None:
+            _init_positions_(self.P, self.dilated_kernel_size)
+            if self.SIG is not None:
+                nn.init.constant_(self.SIG, SIG_INIT)
+
+    def __getattr__(self, name: str):
+        # P/SIG of a layer that shares its positions live in the DclsPositions module
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            shared = self.__dict__.get('_shared_positions')
+            if shared is not None and name in ('P', 'SIG'):
+                return getattr(shared[0], name)
+            raise
+
+    @torch.jit.ignore
+    def positions_owner(self) -> nn.Module:
+        """The module that holds this layer's ``P``/``SIG``: a shared :class:`DclsPositions` or the layer."""
+        return self._shared_positions[0] if self._shared_positions is not None else self
+
+    @torch.jit.ignore
+    def clamp_parameters(self) -> None:
+        """Clamp positions in place onto the grid (``±(D // 2)`` for odd D); shared ones once for all sharers."""
+        _clamp_(self.positions_owner().P, self.dilated_kernel_size)
+
+    def construct_kernel(self) -> torch.Tensor:
+        """The dense kernel ``[C_out, C_in/groups, *dilated_kernel_size]`` this layer convolves with."""
+        owner = self.positions_owner()
+        return construct_kernel(self.weight, owner.P, owner.SIG, self.dilated_kernel_size, self.version)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.construct_kernel()
+        conv = _CONV_FNS[self.ndim]
+        if self._pad is None:
+            return conv(x, kernel, self.bias, self.stride, self.padding, 1, self.groups)
+        mode = 'constant' if self.padding_mode == 'zeros' else self.padding_mode
+        return conv(F.pad(x, self._pad, mode=mode), kernel, self.bias, self.stride, 0, 1, self.groups)
+
+    def extra_repr(self) -> str:
+        s = (f'{self.in_channels}, {self.out_channels}, kernel_count={self.kernel_count}, '
+             f'dilated_kernel_size={self.dilated_kernel_size}, version={self.version}')
+        if any(s_ != 1 for s_ in self.stride):
+            s += f', stride={self.stride}'
+        s += f', padding={self.padding!r}' if isinstance(self.padding, str) else f', padding={self.padding}'
+        if self.groups != 1:
+            s += f', groups={self.groups}'
+        if self.bias is None:
+            s += ', bias=False'
+        if self.padding_mode != 'zeros':
+            s += f', padding_mode={self.padding_mode}'
+        if self._shared_positions is not None:
+            s += ', shared_positions=True'
+        return s
+
+
+class Dcls1d(_DclsNd):
+    """1-D DCLS convolution; drop-in for ``DCLS.construct.modules.Dcls1d``."""
+    ndim = 1
+
+
+class Dcls2d(_DclsNd):
+    """2-D DCLS convolution; drop-in for ``DCLS.construct.modules.Dcls2d``. ``P[0]`` is rows, ``P[1]`` columns."""
+    ndim = 2
+
+
+class Dcls3d(_DclsNd):
+    """3-D DCLS convolution; drop-in for ``DCLS.construct.modules.Dcls3d``."""
+    ndim = 3
+
+
+def share_positions(layers: Sequence[_DclsNd]) -> DclsPositions:
+    """Make ``layers`` use one position tensor (and one ``SIG``): the first layer's current values.
+
+    The layers' own ``P``/``SIG`` parameters are removed; the returned :class:`DclsPositions` holds the shared ones
+    and must be registered in the model (for example ``stage.positions = share_positions(convs)``), so that the
+    optimizer, EMA and state dict see each shared tensor exactly once.
+
+    Args:
+        layers: DCLS layers with identical position shapes, versions and dilated kernel sizes.
+
+    Returns:
+        The module owning the shared parameters.
+    """
+    layers = list(layers)
+    if not layers:
+        raise ValueError('share_positions needs at least one layer.')
+    first = layers[0]
+    for layer in layers:
+        if not isinstance(layer, _DclsNd):
+            raise TypeError(f'share_positions takes DCLS layers, got {type(layer).__name__}.')
+        if layer._shared_positions is not None:
+            raise ValueError('A layer passed to share_positions already shares its positions.')
+        if (layer.ndim, layer.version, layer.dilated_kernel_size, tuple(layer.P.shape)) != (
+                first.ndim, first.version, first.dilated_kernel_size, tuple(first.P.shape)):
+            raise ValueError(
+                'Layers sharing positions need the same dimensionality, version, dilated_kernel_size and '
+                f'position shape; got {tuple(first.P.shape)} ({first.version}, {first.dilated_kernel_size}) and '
+                f'{tuple(layer.P.shape)} ({layer.version}, {layer.dilated_kernel_size}).')
+    holder = DclsPositions(first.P, first.SIG, first.dilated_kernel_size)
+    for layer in layers:
+        del layer.P
+        if 'SIG' in layer._parameters:
+            del layer.SIG
+        layer._shared_positions = (holder,)  # a tuple keeps the holder out of the layer's submodules
+    return holder
+
+
+def dcls_layers(model: nn.Module) -> Iterable[_DclsNd]:
+    """All DCLS layers of a model."""
+    return (m for m in model.modules() if isinstance(m, _DclsNd))
+
+
+def clamp_positions_(model: nn.Module) -> int:
+    """Clamp every DCLS position tensor of ``model`` once (shared ones included) onto its grid.
+
+    Returns:
+        The number of distinct position tensors clamped.
+    """
+    seen = set()
+    for layer in dcls_layers(model):
+        owner = layer.positions_owner()
+        if id(owner) not in seen:
+            seen.add(id(owner))
+            layer.clamp_parameters()
+    return len(seen)

@@ -1,0 +1,311 @@
+"""ConvNeXt with DCLS depthwise convolutions (ConvNeXt-dcls), and the paper's dense comparison baselines.
+
+Paper: `Dilated convolution with learnable spacings` - https://arxiv.org/abs/2112.03740
+
+Every 7x7 depthwise conv of timm's ConvNeXt becomes a depthwise DCLS conv with a larger dense grid (17x17 by
+default). Positions (and SIG for ``gauss``) are shared by all blocks of a stage and live in ``stages.i.positions``;
+weights stay per block. The kernel count K is the largest one that keeps the DCLS parameters at or below the dense
+depthwise weights they replace (iso-parameter rule), unless given.
+"""
+import difflib
+import inspect
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import to_ntuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_model_deprecations
+from timm.models.convnext import ConvNeXt
+from timm.models.convnext import checkpoint_filter_fn as _fb_checkpoint_filter_fn
+
+from dcls_timm.layers import Dcls2d, share_positions
+
+__all__ = ['ConvNeXtDcls', 'ConvNeXtDenseDw', 'iso_param_kernel_count']
+
+_CONVNEXT_ARGS = frozenset(inspect.signature(ConvNeXt.__init__).parameters) - {'self'}
+
+
+def iso_param_kernel_count(
+        depths: Sequence[int],
+        dims: Sequence[int],
+        kernel_sizes: Union[int, Sequence[int]] = 7,
+        version: str = 'v0',
+        shared_positions: bool = True,
+        ndim: int = 2,
+) -> int:
+    """Largest kernel count K whose DCLS parameters (weights + positions) do not exceed the dense depthwise weights.
+
+    Args:
+        depths: Blocks per stage.
+        dims: Channels per stage.
+        kernel_sizes: Dense depthwise kernel size(s) being replaced.
+        version: DCLS version (``gauss`` also learns SIG, doubling the position parameters).
+        shared_positions: Positions shared by all blocks of a stage (one tensor per stage) or per block.
+        ndim: Spatial dimensions.
+    """
+    kernel_sizes = to_ntuple(len(depths))(kernel_sizes)
+    tensors = ndim * (2 if version == 'gauss' else 1)
+    dense = sum(k ** ndim * d * c for k, d, c in zip(kernel_sizes, depths, dims))
+    per_element = sum(c * (d + tensors * (1 if shared_positions else d)) for d, c in zip(depths, dims))
+    return dense // per_element
+
+
+def _check_model_args(kwargs: Dict[str, Any], extra: Sequence[str]) -> None:
+    unknown = sorted(set(kwargs) - _CONVNEXT_ARGS)
+    if unknown:
+        valid = sorted(_CONVNEXT_ARGS | set(extra))
+        hints = {k: difflib.get_close_matches(k, valid, n=1) for k in unknown}
+        msg = ', '.join(f"'{k}'" + (f" (did you mean '{h[0]}'?)" if h else '') for k, h in hints.items())
+        raise TypeError(f'Unknown model argument(s): {msg}. Valid arguments: {", ".join(valid)}.')
+
+
+class ConvNeXtDcls(ConvNeXt):
+    """ConvNeXt whose depthwise convolutions are DCLS convolutions.
+
+    Everything else is timm's ``ConvNeXt`` (features, intermediates, grad checkpointing, classifier reset).
+    """
+
+    def __init__(
+            self,
+            dcls_kernel_size: Union[int, Tuple[int, ...]] = 17,
+            dcls_kernel_count: Optional[int] = None,
+            dcls_version: str = 'v0',
+            dcls_shared_positions: bool = True,
+            **kwargs,
+    ):
+        """
+        Args:
+            dcls_kernel_size: Dense DCLS grid size D, one int or one per stage.
+            dcls_kernel_count: Elements K per filter; None applies the iso-parameter rule against ``kernel_sizes``
+                (the dense depthwise size being replaced, 7 by default).
+            dcls_version: ``'v0'``, ``'v1'`` or ``'gauss'``.
+            dcls_shared_positions: Share positions (and SIG) across the blocks of each stage.
+            **kwargs: timm ``ConvNeXt`` arguments.
+        """
+        _check_model_args(kwargs, ('dcls_kernel_size', 'dcls_kernel_count', 'dcls_version', 'dcls_shared_positions'))
+        if kwargs.get('output_stride', 32) != 32:
+            raise ValueError('ConvNeXt-dcls models support output_stride=32 only (no dilated stages).')
+        super().__init__(**kwargs)
+        depths = [len(stage.blocks) for stage in self.stages]
+        dims = [stage.blocks[0].conv_dw.out_channels for stage in self.stages]
+        if dcls_kernel_count is None:
+            dcls_kernel_count = iso_param_kernel_count(depths, dims, kwargs.get('kernel_sizes', 7),
+                                                      dcls_version, dcls_shared_positions)
+        self.dcls_kernel_size = to_ntuple(len(depths))(dcls_kernel_size)
+        self.dcls_kernel_count = dcls_kernel_count
+        self.dcls_version = dcls_version
+        self.dcls_shared_positions = dcls_shared_positions
+
+        for stage, size in zip(self.stages, self.dcls_kernel_size):
+            convs = []
+            for block in stage.blocks:
+                dense = block.conv_dw
+                conv = Dcls2d(
+                    dense.in_channels,
+                    dense.out_channels,
+                    kernel_count=dcls_kernel_count,
+                    padding='same',
+                    dilated_kernel_size=size,
+                    groups=dense.groups,
+                    bias=dense.bias is not None,
+                    version=dcls_version,
+                    device=dense.weight.device,
+                    dtype=dense.weight.dtype,
+                )
+                # ConvNeXt's own init for its depthwise conv; positions keep the layer's normal(0, 0.5)
+                trunc_normal_(conv.weight, std=.02)
+                if conv.bias is not None:
+                    nn.init.zeros_(conv.bias)
+                block.conv_dw = conv
+                convs.append(conv)
+            if dcls_shared_positions:
+                stage.positions = share_positions(convs)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        """Parameter groups as timm's ConvNeXt; a stage's shared positions join its first group."""
+        matcher = super().group_matcher(coarse)
+        if not coarse:
+            matcher['blocks'].insert(1, (r'^stages\.(\d+)\.positions', (0,)))
+        return matcher
+
+
+class ConvNeXtDenseDw(ConvNeXt):
+    """ConvNeXt with dense, optionally dilated, depthwise convolutions: the DCLS paper's comparison baselines."""
+
+    def __init__(self, dw_dilation: int = 1, **kwargs):
+        """
+        Args:
+            dw_dilation: Dilation of every depthwise conv ("same" padding kept).
+            **kwargs: timm ``ConvNeXt`` arguments.
+        """
+        _check_model_args(kwargs, ('dw_dilation',))
+        if kwargs.get('output_stride', 32) != 32:
+            raise ValueError('Dilated-depthwise ConvNeXt supports output_stride=32 only.')
+        super().__init__(**kwargs)
+        for stage in self.stages:
+            for block in stage.blocks:
+                conv = block.conv_dw
+                conv.dilation = (dw_dilation, dw_dilation)
+                conv.padding = tuple(dw_dilation * (k - 1) // 2 for k in conv.kernel_size)
+        self.dw_dilation = dw_dilation
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtDcls) -> Dict[str, torch.Tensor]:
+    """Adapt a checkpoint to ``model``: our own layout, or the upstream (Facebook ConvNeXt) layout.
+
+    Upstream checkpoints repeat the shared positions in every block (``stages.i.j.dwconv.P``); they are checked to
+    be equal and loaded once into ``stages.i.positions``. Per-stage positions are expanded for a model without
+    sharing. Upstream 2-D ``v1``/``gauss`` kernels index the axes in reverse order, so their P/SIG are flipped.
+    """
+    upstream = any(k.startswith('downsample_layers.') for k in state_dict) or 'model' in state_dict
+    if upstream:
+        state_dict = _fb_checkpoint_filter_fn(state_dict, model)
+    flip = upstream and getattr(model, 'dcls_version', 'v0') != 'v0'
+    model_keys = set(model.state_dict())
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        match = re.match(r'^stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.(P|SIG)$', k)
+        if match and flip:
+            v = v.flip(0)
+        if match and k not in model_keys:
+            stage, name = match.group(1), match.group(3)
+            target = f'stages.{stage}.positions.{name}'
+            if target in out and not torch.equal(out[target], v):
+                raise ValueError(
+                    f'The checkpoint has different {name} tensors in the blocks of stage {stage}; they cannot load '
+                    'into shared positions. Create the model with dcls_shared_positions=False.')
+            out[target] = v
+            continue
+        match = re.match(r'^stages\.(\d+)\.positions\.(P|SIG)$', k)
+        if match and k not in model_keys:
+            prefix = f'stages.{match.group(1)}.blocks.'
+            suffix = f'.conv_dw.{match.group(2)}'
+            for mk in model_keys:
+                if mk.startswith(prefix) and mk.endswith(suffix):
+                    out[mk] = v.clone()
+            continue
+        out[k] = v
+    return out
+
+
+def _create_convnext_dcls(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXtDcls:
+    return build_model_with_cfg(
+        ConvNeXtDcls, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        **kwargs)
+
+
+def _create_dense_baseline(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXtDenseDw:
+    return build_model_with_cfg(
+        ConvNeXtDenseDw, variant, pretrained,
+        pretrained_filter_fn=_fb_checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        **kwargs)
+
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.0', 'classifier': 'head.fc',
+        'paper_ids': 'arXiv:2112.03740',
+        'paper_name': 'Dilated convolution with learnable spacings',
+        **kwargs
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'convnext_atto_dcls': _cfg(test_input_size=(3, 288, 288), test_crop_pct=0.95),
+    'convnext_femto_dcls': _cfg(test_input_size=(3, 288, 288), test_crop_pct=0.95),
+    'convnext_pico_dcls': _cfg(test_input_size=(3, 288, 288), test_crop_pct=0.95),
+    'convnext_nano_dcls': _cfg(test_input_size=(3, 288, 288), test_crop_pct=0.95),
+    'convnext_tiny_dcls': _cfg(),
+    'convnext_small_dcls': _cfg(),
+    'convnext_base_dcls': _cfg(),
+    'convnext_tiny_dcls_gauss': _cfg(),
+    'convnext_tiny_k17': _cfg(paper_name='Dilated convolution with learnable spacings (dense 17x17 baseline)'),
+    'convnext_tiny_dil2': _cfg(paper_name='Dilated convolution with learnable spacings (7x7 dilated-by-2 baseline)'),
+})
+
+
+@register_model
+def convnext_atto_dcls(pretrained: bool = False, **kwargs) -> ConvNeXtDcls:
+    """ConvNeXt-atto with 17x17 DCLS depthwise convs (K=29)."""
+    model_args = dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), conv_mlp=True)
+    return _create_convnext_dcls('convnext_atto_dcls', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def convnext_femto_dcls(pretrained: bool = False, **kwargs) -> ConvNeXtDcls:
+    """ConvNeXt-femto with 17x17 DCLS depthwise convs (K=29)."""
+    model_args = dict(depths=(2, 2, 6, 2), dims=(48, 96, 192, 384), conv_mlp=True)
+    return _create_convnext_dcls('convnext_femto_dcls', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def convnext_pico_dcls(pretrained: bool = False, **kwargs) -> ConvNeXtDcls:
+    """ConvNeXt-pico with 17x17 DCLS depthwise convs (K=29)."""
+    model_args = dict(depths=(2, 2, 6, 2), dims=(64, 128, 256, 512), conv_mlp=True)
+    return _create_convnext_dcls('convnext_pico_dcls', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def convnext_nano_dcls(pretrained: bool = False, **kwargs) -> ConvNeXtDcls:
+    """ConvNeXt-nano with 17x17 DCLS depthwise convs (K=31)."""
+    model_args = dict(depths=(2, 2, 8, 2), dims=(80, 160, 320, 640), conv_mlp=True)
+    return _create_convnext_dcls('convnext_nano_dcls', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def convnext_tiny_dcls(pretrained: bool = False, **kwargs) -> ConvNeXtDcls:
+    """ConvNeXt-T-dcls: 17x17 v0 DCLS depthwise convs, K=34, positions shared per stage (paper, ImageNet 82.5)."""
+    model_args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768))
+    return _create_convnext_dcls('convnext_tiny_dcls', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def convnext_small_dcls(pretrained: bool = False, **kwargs) -> ConvNeXtDcls:
+    """ConvNeXt-S-dcls: 17x17 v0 DCLS depthwise convs, K=40 (paper, ImageNet 83.7)."""
+    model_args = dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768))
+    return _create_convnext_dcls('convnext_small_dcls', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def convnext_base_dcls(pretrained: bool = False, **kwargs) -> ConvNeXtDcls:
+    """ConvNeXt-B-dcls: 17x17 v0 DCLS depthwise convs, K=40 (paper, ImageNet 84.1)."""
+    model_args = dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024))
+    return _create_convnext_dcls('convnext_base_dcls', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def convnext_tiny_dcls_gauss(pretrained: bool = False, **kwargs) -> ConvNeXtDcls:
+    """ConvNeXt-T-dcls with 23x23 Gaussian interpolation, K=26, P and SIG shared per stage."""
+    model_args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), dcls_kernel_size=23, dcls_version='gauss')
+    return _create_convnext_dcls('convnext_tiny_dcls_gauss', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def convnext_tiny_k17(pretrained: bool = False, **kwargs) -> ConvNeXtDenseDw:
+    """ConvNeXt-T with dense 17x17 depthwise kernels (DCLS paper baseline)."""
+    model_args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), kernel_sizes=17)
+    return _create_dense_baseline('convnext_tiny_k17', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def convnext_tiny_dil2(pretrained: bool = False, **kwargs) -> ConvNeXtDenseDw:
+    """ConvNeXt-T with 7x7 depthwise kernels dilated by 2 (DCLS paper baseline)."""
+    model_args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), dw_dilation=2)
+    return _create_dense_baseline('convnext_tiny_dil2', pretrained, **dict(model_args, **kwargs))
+
+
+register_model_deprecations(__name__, {
+    'convnext_dcls_tiny': 'convnext_tiny_dcls',
+    'convnext_dcls_small': 'convnext_small_dcls',
+    'convnext_dcls_base': 'convnext_base_dcls',
+})
