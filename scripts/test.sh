@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test command: set up .venv when needed, then run the whole suite (extra arguments go to pytest).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh || exit 1
+VENV=${VENV:-.venv}
+"$VENV/bin/python" -m pytest "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+    echo "[test] pytest collected no tests: failing on purpose" >&2
+fi
+exit "$rc"
