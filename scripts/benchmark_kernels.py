@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Time and memory of building all depthwise DCLS kernels of a ConvNeXt-dcls model, forward + backward.
+
+Compares the separable construction of dcls_timm with the dcls package's ConstructKernel2d on the same
+parameters (one training step's worth of kernel construction, no convolution).
+
+    python scripts/benchmark_kernels.py --model convnext_tiny_dcls --repeats 5
+"""
+import argparse
+import json
+import logging
+import platform
+import statistics
+import time
+
+import timm
+import torch
+
+import dcls_timm  # noqa: F401  (registers the models)
+from dcls_timm.layers import construct_kernel, dcls_layers
+
+
+def _layer_params(model):
+    out = []
+    for layer in dcls_layers(model):
+        owner = layer.positions_owner()
+        out.append((layer.weight, owner.P, owner.SIG, layer.dilated_kernel_size, layer.version, layer))
+    return out
+
+
+def _run_ours(params):
+    total = 0.
+    for w, P, SIG, size, version, _ in params:
+        total = total + construct_kernel(w, P, SIG, size, version).square().sum()
+    total.backward()
+
+
+def _make_dcls_runner(params):
+    from DCLS.construct.modules import ConstructKernel2d
+    logging.getLogger().setLevel(logging.ERROR)
+    builders = []
+    for w, P, SIG, size, version, layer in params:
+        ck = ConstructKernel2d(layer.out_channels, layer.in_channels, layer.groups, layer.kernel_count, size, version)
+        order = [0, 1] if version == 'v0' else [1, 0]  # their 2-D v1/gauss index axes in reverse (SPEC 1.3)
+        builders.append((ck, w, P, SIG, order))
+
+    def run():
+        total = 0.
+        for ck, w, P, SIG, order in builders:
+            total = total + ck(w, P[order], None if SIG is None else SIG[order]).square().sum()
+        total.backward()
+    return run
+
+
+def _measure(fn, repeats):
+    fn()  # warm-up (index tensors, allocator)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _saved_bytes(fn):
+    """Bytes the autograd graph keeps for backward (distinct storages): the memory that grows with construction."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', default='convnext_tiny_dcls')
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--threads', type=int, default=0, help='torch threads (0: leave the default)')
+    parser.add_argument('--no-dcls', action='store_true', help='skip the dcls-package comparison')
+    parser.add_argument('--json', default='', help='write the results to this JSON file')
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = timm.create_model(args.model)
+    params = _layer_params(model)
+    rows = {'ours (separable)': lambda: _run_ours(params)}
+    if not args.no_dcls:
+        rows['dcls 0.1.1 ConstructKernel2d'] = _make_dcls_runner(params)
+    results = {'model': args.model, 'layers': len(params), 'torch': torch.__version__,
+               'threads': torch.get_num_threads(), 'machine': platform.processor() or platform.machine(),
+               'rows': {}}
+    for name, fn in rows.items():
+        times = _measure(fn, args.repeats)
+        results['rows'][name] = {
+            'median_s': statistics.median(times), 'min_s': min(times), 'max_s': max(times),
+            'saved_mb': _saved_bytes(fn) / 2 ** 20,
+        }
+    print(f"{args.model}: {len(params)} DCLS layers, kernel construction forward + backward, "
+          f"{results['threads']} threads, {args.repeats} repeats")
+    print('| route | median s | min–max s | saved for backward MiB |\n|---|---|---|---|')
+    for name, r in results['rows'].items():
+        print(f"| {name} | {r['median_s']:.3f} | {r['min_s']:.3f}–{r['max_s']:.3f} | {r['saved_mb']:.1f} |")
+    if len(results['rows']) == 2:
+        ours, theirs = results['rows'].values()
+        print(f"ratio (ours / dcls): time {ours['median_s'] / theirs['median_s']:.3f}, "
+              f"memory {ours['saved_mb'] / theirs['saved_mb']:.3f}")
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == '__main__':
+    main()
