@@ -95,7 +95,7 @@ def test_forward_backward_every_parameter_gets_gradient(name):
             assert p.grad.abs().sum() > 0, n
 
 
-@pytest.mark.parametrize('name', ['convnext_atto_dcls', 'convnext_tiny_dcls_gauss', 'convnext_tiny_dil2'])
+@pytest.mark.parametrize('name', ALL_MODELS)
 def test_features_intermediates_and_fx(name):
     x = torch.randn(1, 3, 64, 64)
     torch.manual_seed(1)  # same seed, same weights: feature wrappers rename modules, so no state-dict copy
@@ -244,3 +244,11 @@ def test_init_follows_the_paper():
     P = model.stages[2].positions.P
     assert abs(P.std().item() - 0.5) < 0.03 and P.abs().max().item() <= 8
     assert dcls_timm.__version__
+
+
+def test_channels_last_model_matches():
+    model = timm.create_model('convnext_atto_dcls').eval()
+    x = torch.randn(2, 3, 64, 64)
+    ref = model(x)
+    model = model.to(memory_format=torch.channels_last)  # also turns the 4-D position tensors channels-last
+    torch.testing.assert_close(model(x.to(memory_format=torch.channels_last)), ref)
