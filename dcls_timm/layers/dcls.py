@@ -10,7 +10,7 @@ Several layers can share one position tensor through :func:`share_positions`, wh
 to optimizers, EMA and state dicts.
 """
 import math
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,7 @@ from .kernel import DCLS_VERSIONS, SIG_INIT, construct_kernel
 
 __all__ = [
     'Dcls1d', 'Dcls2d', 'Dcls3d', 'DclsPositions', 'share_positions', 'clamp_positions_', 'dcls_layers',
+    'position_owners', 'position_parameters',
 ]
 
 _PADDING_MODES = ('zeros', 'reflect', 'replicate', 'circular')
@@ -283,16 +284,38 @@ def dcls_layers(model: nn.Module) -> Iterable[_DclsNd]:
     return (m for m in model.modules() if isinstance(m, _DclsNd))
 
 
+def position_owners(model: nn.Module) -> Dict[str, nn.Module]:
+    """Each distinct holder of DCLS positions in ``model``, by module name, in model order.
+
+    A holder is a :class:`DclsPositions` module (shared positions) or a DCLS layer that owns its own ``P``; a
+    holder shared by several layers appears once. Every holder has ``P``, ``SIG`` (or None),
+    ``dilated_kernel_size`` and ``clamp_parameters()``.
+    """
+    owners: Dict[str, nn.Module] = {}
+    seen = set()
+    for name, m in model.named_modules():
+        if isinstance(m, DclsPositions) or (isinstance(m, _DclsNd) and m._shared_positions is None):
+            owners[name] = m
+            seen.add(id(m))
+    for name, m in model.named_modules():  # holders not registered in the model: named after a sharing layer
+        if isinstance(m, _DclsNd) and id(m.positions_owner()) not in seen:
+            owners[name] = m.positions_owner()
+            seen.add(id(owners[name]))
+    return owners
+
+
+def position_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """Distinct DCLS position parameters (``P`` and ``SIG``) of ``model``."""
+    return [t for o in position_owners(model).values() for t in (o.P, o.SIG) if t is not None]
+
+
 def clamp_positions_(model: nn.Module) -> int:
     """Clamp every DCLS position tensor of ``model`` once (shared ones included) onto its grid.
 
     Returns:
         The number of distinct position tensors clamped.
     """
-    seen = set()
-    for layer in dcls_layers(model):
-        owner = layer.positions_owner()
-        if id(owner) not in seen:
-            seen.add(id(owner))
-            layer.clamp_parameters()
-    return len(seen)
+    owners = position_owners(model)
+    for owner in owners.values():
+        owner.clamp_parameters()
+    return len(owners)

@@ -1,0 +1,297 @@
+"""The training run behind train.py: set-up, epoch loop, logging, checkpoints."""
+import difflib
+import json
+import logging
+import os
+import time
+from contextlib import nullcontext
+from functools import partial
+from typing import Any, Dict, Optional, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+import yaml
+from timm.data import Mixup, FastCollateMixup, resolve_data_config
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import clean_state_dict
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import (
+    ModelEmaV3, NativeScaler, get_outdir, unwrap_model, init_distributed_device, random_seed, setup_default_logging, trim_summary,
+    update_summary,
+)
+
+from dcls_timm.recipe import DclsRecipe, PositionMonitor
+
+from .checkpoint import AtomicCheckpointSaver, load_training_checkpoint, plain_args, rng_state, set_rng_state
+from .config import ConfigError, parse_args
+from .data import build_dataset, build_loader
+from .engine import evaluate, train_one_epoch
+
+__all__ = ['run', 'main']
+
+_logger = logging.getLogger('train')
+
+
+def _check_model_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ''
+        raise ConfigError(f"Unknown model '{name}'.{hint} (timm.list_models() lists them all.)")
+
+
+def _check_num_classes(dataset, num_classes: int) -> None:
+    classes = getattr(dataset, 'classes', None)
+    reader = getattr(dataset, 'reader', None)
+    if classes is None and reader is not None and hasattr(reader, 'class_to_idx'):
+        classes = reader.class_to_idx
+    if classes is not None and len(classes) > num_classes:
+        raise ConfigError(f'The dataset has {len(classes)} classes but the model outputs {num_classes}: '
+                          f'set --num-classes {len(classes)}.')
+
+
+def _resolve_lr(args: Any) -> float:
+    if args.lr is not None:
+        return args.lr
+    global_batch = args.batch_size * args.world_size * args.grad_accum_steps
+    ratio = global_batch / args.lr_base_size
+    lr = args.lr_base * (ratio ** 0.5 if args.lr_base_scale == 'sqrt' else ratio)
+    _logger.info(f'lr {lr:.3e} = lr-base {args.lr_base} x ({global_batch} / {args.lr_base_size}) '
+                 f'[{args.lr_base_scale} scaling]')
+    return lr
+
+
+def _recipe(args: Any, model: nn.Module) -> Optional[DclsRecipe]:
+    if args.dcls_recipe == 'off' or (args.dcls_recipe == 'auto' and not DclsRecipe.applies_to(model)):
+        return None
+    if not DclsRecipe.applies_to(model):
+        raise ConfigError(f"--dcls-recipe on, but model '{args.model}' has no DCLS positions.")
+    return DclsRecipe(
+        position_lr_scale=args.position_lr_scale, position_weight_decay=args.position_weight_decay,
+        clamp=not args.no_clamp_positions, repulsive_weight=args.repulsive_weight,
+        repulsive_after_epoch=args.repulsive_after_epoch)
+
+
+def _losses(args: Any, mixup_active: bool):
+    if mixup_active:
+        train = BinaryCrossEntropy(target_threshold=args.bce_target_thresh) if args.bce_loss \
+            else SoftTargetCrossEntropy()
+    elif args.smoothing:
+        train = BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh) \
+            if args.bce_loss else LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        train = BinaryCrossEntropy(target_threshold=args.bce_target_thresh) if args.bce_loss \
+            else nn.CrossEntropyLoss()
+    return train, nn.CrossEntropyLoss()
+
+
+def run(args: Any) -> Dict[str, Any]:
+    """Train with parsed arguments; returns the final metrics and where the outputs are."""
+    if args.device is None:
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if args.grad_accum_steps < 1:
+        raise ConfigError('--grad-accum-steps must be >= 1.')
+    _check_model_name(args.model)
+    device = init_distributed_device(args)
+    primary = args.rank == 0
+    random_seed(args.seed, args.rank)
+    # data first: a wrong path fails before a large model is built
+    dataset_train = build_dataset(args, args.train_split, is_training=True)
+    full_batch = args.batch_size * args.world_size
+    if len(dataset_train) < full_batch:
+        raise ConfigError(f'The batch ({args.batch_size} x {args.world_size} processes = {full_batch}) is larger than '
+                          f'the {len(dataset_train)} training images: lower -b/--batch-size.')
+    dataset_eval = build_dataset(args, args.val_split, is_training=False) if args.val_split else None
+
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    try:
+        model = timm.create_model(
+            args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
+            drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp,
+            checkpoint_path=args.initial_checkpoint or None, **args.model_kwargs)
+    except TypeError as e:
+        raise ConfigError(f"Cannot create model '{args.model}' with these arguments: {e}") from None
+    if args.num_classes is None:
+        args.num_classes = model.num_classes
+    _check_num_classes(dataset_train, args.num_classes)
+    data_config = resolve_data_config(vars(args), model=model, verbose=primary)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(enable=True)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if primary:
+        n_params = sum(p.numel() for p in model.parameters())
+        _logger.info(f'Model {args.model}: {n_params:,} parameters')
+
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
+    loss_scaler = NativeScaler(device=device.type) if args.amp and amp_dtype == torch.float16 else None
+
+    recipe = _recipe(args, model)
+    args.lr = _resolve_lr(args)
+    opt_kwargs = optimizer_kwargs(args)
+    if recipe is not None:
+        opt_kwargs['param_group_fn'] = partial(
+            recipe.param_groups, weight_decay=args.weight_decay, layer_decay=args.layer_decay)
+        if primary:
+            _logger.info(f'DCLS recipe: {recipe}')
+    optimizer = create_optimizer_v2(model, **opt_kwargs)
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) \
+        if args.model_ema else None
+
+    checkpoint = load_training_checkpoint(args.resume) if args.resume else None
+    start_epoch = 0
+    if checkpoint is not None:
+        model.load_state_dict(clean_state_dict(checkpoint['state_dict']))
+        if model_ema is not None and 'state_dict_ema' in checkpoint:
+            model_ema.module.load_state_dict(clean_state_dict(checkpoint['state_dict_ema']))
+        if not args.no_resume_opt:
+            saved_opt = checkpoint.get('args', {}).get('opt', args.opt)
+            if saved_opt != args.opt:
+                raise ConfigError(f'{args.resume} was trained with --opt {saved_opt}, this run uses --opt {args.opt}: '
+                                  'add --no-resume-opt to start a fresh optimizer.')
+            try:
+                optimizer.load_state_dict(checkpoint['optimizer'])
+            except ValueError as e:
+                raise ConfigError(f'The optimizer state in {args.resume} does not fit this model/optimizer ({e}); '
+                                  'add --no-resume-opt to start a fresh optimizer.') from None
+            if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
+                loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
+        start_epoch = checkpoint['epoch'] + 1
+        if primary:
+            _logger.info(f'Resumed from {args.resume} (epoch {checkpoint["epoch"]} done)')
+
+    if args.torchcompile:
+        model = torch.compile(model, backend=args.torchcompile)
+    if args.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
+
+
+    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    mixup_fn, collate_fn = None, None
+    if mixup_active:
+        mixup_args = dict(
+            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+            prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+            label_smoothing=args.smoothing, num_classes=args.num_classes)
+        if device.type == 'cuda':  # timm's prefetcher mixes on the GPU in the collate
+            collate_fn = FastCollateMixup(**mixup_args)
+        else:
+            mixup_fn = Mixup(**mixup_args)
+    if args.train_interpolation == 'random' and args.no_aug:
+        args.train_interpolation = data_config['interpolation']
+    loader_train = build_loader(dataset_train, args, data_config, True, device, collate_fn=collate_fn)
+    loader_eval = build_loader(dataset_eval, args, data_config, False, device) if dataset_eval is not None else None
+    train_loss_fn, eval_loss_fn = _losses(args, mixup_active)
+    train_loss_fn, eval_loss_fn = train_loss_fn.to(device), eval_loss_fn.to(device)
+
+    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args, decreasing_metric='loss' in args.eval_metric),
+        updates_per_epoch=updates_per_epoch)
+    if checkpoint is not None and 'lr_scheduler' in checkpoint:
+        lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+    if start_epoch > 0:
+        lr_scheduler.step(start_epoch)
+
+    output_dir, saver, writer = None, None, None
+    if primary:
+        name = args.experiment or '-'.join([time.strftime('%Y%m%d-%H%M%S'), args.model])
+        args.experiment = name
+        output_dir = get_outdir(args.output, name)
+        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+            yaml.safe_dump(plain_args(args), f, default_flow_style=False)
+        saver = AtomicCheckpointSaver(
+            model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
+            checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing='loss' in args.eval_metric,
+            max_history=args.checkpoint_hist,
+            extra_state=lambda: {'lr_scheduler': lr_scheduler.state_dict(), 'rng': rng_state()})
+        if checkpoint is not None and 'saver' in checkpoint and \
+                os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(output_dir):
+            saver.load_state_dict(checkpoint['saver'])
+            trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
+        if not args.no_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(output_dir, 'tensorboard'))
+        _logger.info(f'Output: {output_dir}; {num_epochs} epochs of {updates_per_epoch} updates')
+
+    monitor = PositionMonitor(unwrap_model(model)) if recipe is not None else None
+    if checkpoint is not None and 'rng' in checkpoint:
+        set_rng_state(checkpoint['rng'])  # last: everything before consumed randomness a fresh run did not
+
+    num_updates = start_epoch * updates_per_epoch
+    eval_metrics: Dict[str, float] = {}
+    best = (None, None)
+    for epoch in range(start_epoch, num_epochs):
+        if args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
+            loader_train.sampler.set_epoch(epoch)
+        train_metrics, num_updates = train_one_epoch(
+            epoch, model, loader_train, optimizer, train_loss_fn, args, device, lr_scheduler=lr_scheduler,
+            recipe=recipe, model_ema=model_ema, mixup_fn=mixup_fn, amp_autocast=amp_autocast,
+            loss_scaler=loss_scaler, num_updates=num_updates, is_primary=primary)
+        eval_metrics = {}
+        if loader_eval is not None:
+            eval_metrics = evaluate(model, loader_eval, eval_loss_fn, args, device, amp_autocast, is_primary=primary)
+            if model_ema is not None:
+                ema_metrics = evaluate(model_ema, loader_eval, eval_loss_fn, args, device, amp_autocast,
+                                       log_suffix=' (EMA)', is_primary=primary)
+                eval_metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
+        lr_scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
+        if primary:
+            speeds = monitor.epoch_speed() if monitor is not None else {}
+            _log_epoch(writer, epoch, train_metrics, eval_metrics, speeds, monitor)
+            update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'))
+            metric = eval_metrics.get(args.eval_metric)
+            best = saver.save_checkpoint(epoch, metric=metric)
+    if writer is not None:
+        writer.close()
+
+    result = {'epochs': num_epochs, 'output_dir': output_dir, 'eval': eval_metrics,
+              'best_metric': best[0], 'best_epoch': best[1], 'world_size': args.world_size}
+    if args.distributed:
+        result['ranks_in_sync'] = _ranks_in_sync(unwrap_model(model), device)
+        if primary and not result['ranks_in_sync']:
+            _logger.error('The ranks ended with different weights.')
+    if primary:
+        with open(os.path.join(output_dir, 'results.json'), 'w') as f:
+            json.dump(result, f, indent=2)
+        _logger.info(f'Done. Final eval {eval_metrics}; best {args.eval_metric} {best[0]} (epoch {best[1]}). '
+                     f'Checkpoints: {output_dir}; TensorBoard: tensorboard --logdir {output_dir}/tensorboard')
+    if args.distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def _ranks_in_sync(model: nn.Module, device: torch.device) -> bool:
+    """True if every rank holds the same weights (compares per-tensor sums and absolute sums)."""
+    local = torch.stack([t for p in model.state_dict().values() if p.is_floating_point()
+                         for t in (p.double().sum(), p.double().abs().sum())]).to(device)
+    gathered = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, local)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def _log_epoch(writer, epoch: int, train: Dict[str, float], evals: Dict[str, float], speeds: Dict[str, float],
+               monitor: Optional[PositionMonitor]) -> None:
+    if writer is None:
+        return
+    for k, v in train.items():
+        writer.add_scalar(f'lr/{k[3:]}' if k.startswith('lr_') else f'train/{k}', v, epoch)
+    for k, v in evals.items():
+        writer.add_scalar(f'eval_ema/{k[4:]}' if k.startswith('ema_') else f'eval/{k}', v, epoch)
+    for name, v in speeds.items():
+        writer.add_scalar(f'position_speed/{name}', v, epoch)
+    if monitor is not None:
+        for name, P in monitor.positions().items():
+            writer.add_histogram(f'positions/{name}', P, epoch)
+    writer.flush()
+
+
+def main(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    setup_default_logging()
+    return run(parse_args(argv, defaults))

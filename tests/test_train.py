@@ -1,0 +1,243 @@
+"""train.py end to end on generated data: outputs, exact resume, errors, torchrun with gloo, Fashion-MNIST."""
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import dcls_timm  # noqa: F401
+from dcls_timm.training import ConfigError, NonFiniteLossError, parse_args, run
+from dcls_timm.training import trainer as main_module
+from dcls_timm.training.data import FASHION_MNIST_DEBIAN_DIR, prepare_fashion_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ['--model', 'convnext_atto_dcls', '--model-kwargs', 'depths=(1,1,1,1)', 'dims=(8,16,16,16)',
+        'dcls_kernel_size=5']
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    """Three learnable classes of 32x32 images: train 12 per class, val 4 per class."""
+    root = tmp_path_factory.mktemp('images')
+    rng = np.random.default_rng(0)
+    for split, n in [('train', 12), ('val', 4)]:
+        for c, name in enumerate(['n001', 'n002', 'n003']):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
+                img[:, :, c] += 150  # the class is the dominant colour
+                Image.fromarray(img).save(root / split / name / f'{i}.png')
+    return root
+
+
+def _argv(data, out, *extra):
+    return [*TINY, '--data-dir', str(data), '--val-split', 'val', '--num-classes', '3', '--input-size', '3', '32',
+            '32', '-b', '4', '--epochs', '2', '--warmup-epochs', '1', '--lr', '1e-3', '--workers', '0',
+            '--output', str(out), '--experiment', 'run', '--seed', '3', '--model-ema', '--model-ema-decay', '0.9',
+            '--repulsive-after-epoch', '0', '--scale', '0.5', '1', '--mixup', '0.2', '--log-interval', '100',
+            '--device', 'cpu', *extra]
+
+
+def _sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_run_writes_outputs_and_plain_checkpoints(image_folder, tmp_path):
+    result = run(parse_args(_argv(image_folder, tmp_path)))
+    out = tmp_path / 'run'
+    assert result['output_dir'] == str(out) and result['epochs'] == 2
+    for name in ['last.pth.tar', 'model_best.pth.tar', 'summary.csv', 'args.yaml', 'results.json']:
+        assert (out / name).is_file(), name
+    assert not list(out.glob('*.partial')) and not (out / 'tmp.pth.tar').exists()
+    assert list((out / 'tensorboard').glob('events.out.tfevents.*'))
+    ckpt = torch.load(out / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert ckpt['epoch'] == 1 and 'state_dict_ema' in ckpt and 'lr_scheduler' in ckpt and 'rng' in ckpt
+    assert ckpt['args']['model'] == 'convnext_atto_dcls'
+    header = (out / 'summary.csv').read_text().splitlines()[0].split(',')
+    for col in ['train_task_loss', 'train_rep_loss', 'train_lr_positions', 'train_lr_decay', 'train_img_per_sec',
+                'eval_top1', 'eval_top5', 'eval_ema_top1']:
+        assert col in header, col
+    assert len((out / 'summary.csv').read_text().splitlines()) == 3
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / 'tensorboard'), size_guidance={'histograms': 0}).Reload()
+    tags = events.Tags()
+    assert 'train/rep_loss' in tags['scalars'] and 'lr/positions' in tags['scalars']
+    assert 'eval_ema/top1' in tags['scalars'] and 'position_speed/stages.0.positions' in tags['scalars']
+    assert 'positions/stages.3.positions' in tags['histograms']
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillAfter:
+    """A loader that dies after a few batches, like a process killed mid-epoch."""
+
+    def __init__(self, loader, after):
+        self.loader, self.after = loader, after
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i == self.after:
+                raise _Killed()
+            yield batch
+
+
+def test_resume_after_a_crash_is_exact(image_folder, tmp_path, monkeypatch):
+    straight = run(parse_args(_argv(image_folder, tmp_path / 'a')))
+    original = main_module.train_one_epoch
+
+    def crashing(epoch, model, loader, *a, **k):
+        return original(epoch, model, _KillAfter(loader, 3) if epoch == 1 else loader, *a, **k)
+    monkeypatch.setattr(main_module, 'train_one_epoch', crashing)
+    with pytest.raises(_Killed):
+        run(parse_args(_argv(image_folder, tmp_path / 'b')))
+    monkeypatch.setattr(main_module, 'train_one_epoch', original)
+    last_b = tmp_path / 'b' / 'run' / 'last.pth.tar'
+    assert torch.load(last_b, weights_only=True)['epoch'] == 0  # the crash left epoch 0's checkpoint whole
+    resumed = run(parse_args(_argv(image_folder, tmp_path / 'b', '--resume', str(last_b))))
+
+    a = torch.load(tmp_path / 'a' / 'run' / 'last.pth.tar', weights_only=True)
+    b = torch.load(last_b, weights_only=True)
+    assert a['epoch'] == b['epoch'] == 1
+    for key in ['state_dict', 'state_dict_ema']:
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
+    for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert resumed['eval'] == straight['eval']
+    rows = (tmp_path / 'b' / 'run' / 'summary.csv').read_text().splitlines()
+    assert [r.split(',')[0] for r in rows[1:]] == ['0', '1']
+
+
+class _Poisoned(_KillAfter):
+    """A loader whose images become infinite after a few batches (a diverging run)."""
+
+    def __iter__(self):
+        for i, (x, y) in enumerate(self.loader):
+            yield (x * float('inf') if i >= self.after else x), y
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(image_folder, tmp_path, monkeypatch):
+    original = main_module.train_one_epoch
+    last = tmp_path / 'run' / 'last.pth.tar'
+    hashes = []
+
+    def diverging(epoch, model, loader, *a, **k):
+        if epoch == 1:
+            hashes.append(_sha(last))
+            loader = _Poisoned(loader, 2)
+        return original(epoch, model, loader, *a, **k)
+    monkeypatch.setattr(main_module, 'train_one_epoch', diverging)
+    with pytest.raises(NonFiniteLossError, match='last saved checkpoint is unchanged'):
+        run(parse_args(_argv(image_folder, tmp_path)))
+    assert _sha(last) == hashes[0]
+    assert torch.load(last, weights_only=True)['epoch'] == 0
+    monkeypatch.setattr(main_module, 'train_one_epoch', original)
+    with pytest.raises(ConfigError, match='--no-resume-opt'):
+        run(parse_args(_argv(image_folder, tmp_path, '--epochs', '3', '--resume', str(last), '--opt', 'sgd')))
+
+
+@pytest.mark.parametrize('extra, match', [
+    (['--model', 'convnext_tiny_dlcs'], "Did you mean: .*convnext_tiny_dcls"),
+    (['--data-dir', '/nonexistent/imagenet'], 'Data directory not found'),
+    (['-b', '64'], 'larger than the 36 training images'),
+    (['--num-classes', '2'], 'has 3 classes but the model outputs 2'),
+    (['--dcls-recipe', 'on', '--model', 'resnet18', '--model-kwargs'], 'has no DCLS positions'),
+    (['--model-kwargs', 'dcls_verison=v1'], "Cannot create model .*did you mean 'dcls_version'"),
+])
+def test_clear_errors(image_folder, tmp_path, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        run(parse_args(_argv(image_folder, tmp_path, *extra)))
+
+
+def test_empty_data_dir_and_config_errors(tmp_path):
+    (tmp_path / 'nodata' / 'train').mkdir(parents=True)
+    with pytest.raises(ConfigError, match='Found 0 images'):
+        run(parse_args(_argv(tmp_path / 'nodata', tmp_path / 'out')))
+    cfg = tmp_path / 'bad.yaml'
+    cfg.write_text(yaml.safe_dump({'model': 'convnext_atto_dcls', 'wieght_decay': 0.1}))
+    with pytest.raises(ConfigError, match="'wieght_decay' \\(did you mean 'weight_decay'\\?\\)"):
+        parse_args(['-c', str(cfg)])
+    with pytest.raises(ConfigError, match='Config file not found'):
+        parse_args(['-c', str(tmp_path / 'missing.yaml')])
+
+
+def test_cli_reports_errors_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / 'train.py'), '--model', 'no_such_model', '--data-dir',
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "train.py: error: Unknown model 'no_such_model'" in proc.stderr
+    assert 'Traceback' not in proc.stderr
+
+
+def test_configs_parse_and_name_real_models():
+    import timm
+    configs = sorted((ROOT / 'configs').glob('*.yaml'))
+    assert len(configs) >= 7
+    for cfg in configs:
+        args = parse_args(['-c', str(cfg)])
+        assert timm.is_model(args.model), cfg
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_gloo(image_folder, tmp_path):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_addr=127.0.0.1',
+           f'--master_port={_free_port()}', str(ROOT / 'train.py'), *_argv(image_folder, tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / 'run'
+    result = json.loads((out / 'results.json').read_text())
+    assert result['world_size'] == 2 and result['ranks_in_sync'] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['run']  # one experiment folder: one writer
+    assert not list(out.glob('*.partial')) and not (out / 'tmp.pth.tar').exists()
+    assert len((out / 'summary.csv').read_text().splitlines()) == 3
+    assert torch.load(out / 'last.pth.tar', weights_only=True)['epoch'] == 1
+
+
+def _fashion_mnist_subset(root: Path, per_class_train: int, per_class_test: int) -> Path:
+    from torchvision.datasets import FashionMNIST
+    out = root / 'fmnist_subset'
+    for split, train, n in [('train', True, per_class_train), ('test', False, per_class_test)]:
+        ds = FashionMNIST(str(root), train=train, download=False)
+        counts = [0] * 10
+        for img, label in ds:
+            if counts[label] < n:
+                d = out / split / f'class{label}'
+                d.mkdir(parents=True, exist_ok=True)
+                img.save(d / f'{counts[label]}.png')
+                counts[label] += 1
+            if min(counts) >= n:
+                break
+    return out
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DEBIAN_DIR.is_dir(), reason='Fashion-MNIST files not installed')
+def test_learns_on_fashion_mnist(tmp_path):
+    assert prepare_fashion_mnist(str(tmp_path))
+    data = _fashion_mnist_subset(tmp_path, 150, 50)
+    argv = ['--model', 'convnext_atto_dcls', '--model-kwargs', 'dcls_kernel_size=9', 'conv_mlp=False',
+            '--data-dir', str(data), '--val-split', 'test', '--num-classes', '10', '--input-size', '1', '32', '32',
+            '--input-img-mode', 'L', '--mean', '0.286', '--std', '0.353', '--crop-pct', '1.0', '--color-jitter',
+            '0', '--scale', '0.75', '1', '-b', '32', '--epochs', '4', '--warmup-epochs', '1', '--sched-on-updates',
+            '--lr', '2e-3', '--workers', '0', '--output', str(tmp_path / 'out'), '--experiment', 'fm',
+            '--repulsive-after-epoch', '1', '--device', 'cpu']
+    result = run(parse_args(argv))
+    assert result['eval']['top1'] > 60  # 10 classes: chance is 10 %
