@@ -241,3 +241,13 @@ def test_learns_on_fashion_mnist(tmp_path):
             '--repulsive-after-epoch', '1', '--device', 'cpu']
     result = run(parse_args(argv))
     assert result['eval']['top1'] > 60  # 10 classes: chance is 10 %
+
+
+def test_flags_amp_bf16_channels_last_accumulation_layer_decay(image_folder, tmp_path):
+    result = run(parse_args(_argv(
+        image_folder, tmp_path, '--epochs', '1', '--amp', '--amp-dtype', 'bfloat16', '--channels-last',
+        '--grad-accum-steps', '2', '--layer-decay', '0.8', '--clip-grad', '1.0', '--drop-path', '0.1',
+        '--mixup', '0', '--cutmix', '0.5', '--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25')))
+    assert np.isfinite(result['eval']['loss'])
+    header = (tmp_path / 'run' / 'summary.csv').read_text().splitlines()[0]
+    assert 'train_lr_layer0_positions' not in header and 'positions' in header  # positions per layer-decay depth

@@ -170,7 +170,6 @@ def run(args: Any) -> Dict[str, Any]:
     if args.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
 
-
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     mixup_fn, collate_fn = None, None
     if mixup_active:
