@@ -15,5 +15,6 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$sta
     echo "[setup] installing dcls_timm and its dependencies into $VENV (first time: a few minutes)"
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e ".[test]"
+    "$VENV/bin/python" -m pip install -q --no-deps imagecorruptions==1.1.2
     touch "$stamp"
 fi

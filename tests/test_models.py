@@ -7,6 +7,7 @@ from timm.utils import ModelEmaV3
 import dcls_timm
 from dcls_timm.layers import Dcls2d, clamp_positions_
 from dcls_timm.models import ConvNeXtDcls, iso_param_kernel_count
+from upstream import upstream_state_dict
 
 DCLS_MODELS = [
     'convnext_atto_dcls', 'convnext_femto_dcls', 'convnext_pico_dcls', 'convnext_nano_dcls',
@@ -179,35 +180,10 @@ def test_pretrained_file_round_trip(tmp_path):
     torch.testing.assert_close(unshared.stages[0].blocks[1].conv_dw.P, model.stages[0].positions.P)
 
 
-def _upstream_state_dict(model: ConvNeXtDcls):
-    """Our weights in the upstream ConvNeXt-dcls (Facebook) layout: positions repeated in every block."""
-    sd = {}
-    for k, v in model.state_dict().items():
-        if k.startswith('stages.') and '.positions.' in k:
-            continue
-        k = k.replace('stem.', 'downsample_layers.0.')
-        k = k.replace('conv_dw', 'dwconv').replace('mlp.fc', 'pwconv')
-        if k.startswith('head.norm'):
-            k = k.replace('head.norm', 'norm')
-        k = k.replace('head.fc', 'head')
-        parts = k.split('.')
-        if parts[0] == 'stages' and parts[2] == 'downsample':
-            k = '.'.join(['downsample_layers', parts[1]] + parts[3:])
-        elif parts[0] == 'stages' and parts[2] == 'blocks':
-            k = '.'.join(['stages', parts[1]] + parts[3:])
-        sd[k] = v
-    for i, stage in enumerate(model.stages):
-        for j in range(len(stage.blocks)):
-            for name, p in stage.positions.named_parameters():
-                t = p.detach().clone()
-                sd[f'stages.{i}.{j}.dwconv.{name}'] = t.flip(0) if model.dcls_version != 'v0' else t
-    return {'model': sd}
-
-
 @pytest.mark.parametrize('name', ['convnext_atto_dcls', 'convnext_tiny_dcls_gauss'])
 def test_upstream_checkpoint_layout_loads(name, tmp_path):
     model = timm.create_model(name).eval()
-    ckpt = _upstream_state_dict(model)
+    ckpt = upstream_state_dict(model)
     assert 'stages.0.1.dwconv.P' in ckpt['model'] and 'downsample_layers.1.1.weight' in ckpt['model']
     path = tmp_path / 'upstream.pth'
     torch.save(ckpt, path)

@@ -6,11 +6,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 from timm.utils import ParseKwargs
 
+from dcls_timm.errors import ConfigError
+
 __all__ = ['ConfigError', 'build_parser', 'parse_args']
-
-
-class ConfigError(ValueError):
-    """A configuration problem the user must fix (shown without a traceback)."""
 
 
 def build_parser() -> argparse.ArgumentParser:

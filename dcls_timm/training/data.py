@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from timm.data import create_dataset, create_loader
 
-from .config import ConfigError
+from dcls_timm.errors import ConfigError
 
 __all__ = ['FASHION_MNIST_DEBIAN_DIR', 'prepare_fashion_mnist', 'build_dataset', 'build_loader']
 

@@ -1,5 +1,4 @@
 """The training run behind train.py: set-up, epoch loop, logging, checkpoints."""
-import difflib
 import json
 import logging
 import os
@@ -22,23 +21,17 @@ from timm.utils import (
     update_summary,
 )
 
+from dcls_timm.errors import ConfigError, check_model_name
 from dcls_timm.recipe import DclsRecipe, PositionMonitor
 
 from .checkpoint import AtomicCheckpointSaver, load_training_checkpoint, plain_args, rng_state, set_rng_state
-from .config import ConfigError, parse_args
+from .config import parse_args
 from .data import build_dataset, build_loader
 from .engine import evaluate, train_one_epoch
 
 __all__ = ['run', 'main']
 
 _logger = logging.getLogger('train')
-
-
-def _check_model_name(name: str) -> None:
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ''
-        raise ConfigError(f"Unknown model '{name}'.{hint} (timm.list_models() lists them all.)")
 
 
 def _check_num_classes(dataset, num_classes: int) -> None:
@@ -92,7 +85,7 @@ def run(args: Any) -> Dict[str, Any]:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if args.grad_accum_steps < 1:
         raise ConfigError('--grad-accum-steps must be >= 1.')
-    _check_model_name(args.model)
+    check_model_name(args.model)
     device = init_distributed_device(args)
     primary = args.rank == 0
     random_seed(args.seed, args.rank)

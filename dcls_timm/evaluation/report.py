@@ -1,0 +1,96 @@
+"""Results output: a readable table, JSON/CSV with timm's columns, and the ImageNet-C plot."""
+import csv
+import json
+import os
+from typing import Any, Dict, List
+
+from .metrics import ALL_CORRUPTIONS
+
+__all__ = ['format_table', 'write_results', 'plot_imagenet_c', 'csv_rows']
+
+CSV_COLUMNS = ['model', 'suite', 'top1', 'top1_err', 'top5', 'top5_err', 'loss', 'mce', 'relative_mce',
+               'images', 'classes', 'param_count', 'img_size', 'crop_pct', 'interpolation', 'checkpoint', 'ema']
+
+
+def csv_rows(results: Dict[str, Any]) -> List[Dict[str, Any]]:
+    rows = []
+    for suite, r in results['suites'].items():
+        entries = [(suite, r)] + [(f'{suite}:{k}', v) for k, v in r.items() if k.endswith('-classes')]
+        for name, entry in entries:
+            row = {k: results[k] for k in ('model', 'param_count', 'img_size', 'crop_pct', 'interpolation',
+                                          'checkpoint', 'ema')}
+            row['suite'] = name
+            if 'top1' in entry:
+                row.update(top1=round(entry['top1'], 3), top1_err=round(100 - entry['top1'], 3),
+                           top5=round(entry['top5'], 3), top5_err=round(100 - entry['top5'], 3),
+                           loss=round(entry['loss'], 4))
+            if 'errors' in entry:  # ImageNet-C: mean accuracy over everything evaluated, and the mCE
+                errs = [e for sev in entry['errors'].values() for e in sev.values()]
+                row.update(top1=round(100 * (1 - sum(errs) / len(errs)), 3),
+                           top1_err=round(100 * sum(errs) / len(errs), 3))
+                row['mce'] = round(entry['mce'], 3) if 'mce' in entry else ''
+                row['relative_mce'] = round(entry['relative_mce'], 3) if 'relative_mce' in entry else ''
+            row['images'] = entry.get('images', '')
+            row['classes'] = entry.get('classes', '')
+            rows.append(row)
+    return rows
+
+
+def format_table(results: Dict[str, Any]) -> str:
+    lines = [f"{results['model']} ({results['param_count']:,} params, checkpoint: {results['checkpoint'] or '-'}"
+             f"{', EMA' if results['ema'] else ''})",
+             f"{'suite':<24}{'images':>9}{'classes':>9}{'top1':>9}{'top5':>9}{'mCE':>9}{'rel mCE':>9}"]
+    for row in csv_rows(results):
+        def num(key):
+            return f'{row[key]:>9.2f}' if isinstance(row.get(key), float) else f"{'':>9}"
+        lines.append(f"{row['suite']:<24}{row['images']!s:>9}{row['classes']!s:>9}{num('top1')}{num('top5')}"
+                     f"{num('mce')}{num('relative_mce')}")
+    c = results['suites'].get('imagenet-c')
+    if c:
+        lines.append(f"ImageNet-C ({c['label']}; preprocessing: {c['preprocessing']}): "
+                     f"top-1 error % per corruption, severities 1-5, CE")
+        for corruption, sev in c['errors'].items():
+            ce = c['ce'].get(corruption)
+            lines.append(f'  {corruption:<20}' + ''.join(f'{100 * sev[s]:>7.1f}' if s in sev else f"{'-':>7}"
+                                                         for s in range(1, 6))
+                         + (f'   CE {ce:6.1f}' if ce is not None else ''))
+        for group, err in c.get('group_mean_error', {}).items():
+            lines.append(f'  mean error {group:<9} {100 * err:6.2f} %')
+    return '\n'.join(lines)
+
+
+def write_results(results: Dict[str, Any], path: str, fmt: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + '.partial'
+    with open(tmp, 'w', newline='') as f:
+        if fmt == 'json':
+            json.dump(results, f, indent=2)
+        else:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction='ignore')
+            writer.writeheader()
+            writer.writerows(csv_rows(results))
+    os.replace(tmp, path)
+
+
+def plot_imagenet_c(result: Dict[str, Any], path: str, title: str) -> None:
+    """Top-1 error per corruption (x) and severity (one bar per severity), saved as PNG."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    names = [c for c in ALL_CORRUPTIONS if c in result['errors']]
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names) + 3), 4.5))
+    width = 0.16
+    for s in range(1, 6):
+        xs = [i + (s - 3) * width for i, c in enumerate(names) if s in result['errors'][c]]
+        ys = [100 * result['errors'][c][s] for c in names if s in result['errors'][c]]
+        ax.bar(xs, ys, width=width, label=f'severity {s}', color=plt.cm.viridis((s - 1) / 4))
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([n.replace('_', ' ') for n in names], rotation=45, ha='right')
+    ax.set_ylabel('top-1 error (%)')
+    ax.set_ylim(0, 100)
+    summary = f" — mCE {result['mce']:.1f}" if 'mce' in result else ''
+    ax.set_title(f"{title}: {result['label']}{summary}")
+    ax.legend(fontsize=8, loc='center left', bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,115 @@
+"""Evaluation suites: ImageNet (and its A/R class subsets), ImageNet-C, -A, -R, Sketch, Stylized-ImageNet."""
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import torch.nn as nn
+
+from .classes import imagenet_wnid_to_index, subset_classes
+from .datasets import WnidImageFolder, restrict
+from .evaluator import evaluate_dataset
+from .metrics import ALL_CORRUPTIONS, corruption_summary
+
+__all__ = ['SUITES', 'SuiteContext', 'run_suite', 'GENERATED_MARKER']
+
+_logger = logging.getLogger(__name__)
+GENERATED_MARKER = 'GENERATED_BY_DCLS_TIMM.json'  # written by scripts/make_imagenet_c.py
+
+
+@dataclass
+class SuiteContext:
+    """What every suite needs: the model, its transforms and how to evaluate."""
+    model: nn.Module
+    transform: Callable
+    transform_as_is: Callable  # only tensor conversion and normalisation (no resize or crop)
+    evaluate: Callable[..., Dict[str, float]]  # evaluate_dataset with device, batch, amp, distributed bound
+    c_preprocess: str = 'resize'
+    clean_error: Optional[float] = None  # top-1 error (fraction) on clean ImageNet, for relative mCE
+
+
+def _folder(root: str, transform) -> WnidImageFolder:
+    return WnidImageFolder(root, imagenet_wnid_to_index(), transform)
+
+
+def _imagenet(ctx: SuiteContext, root: str) -> Dict[str, Any]:
+    ds = _folder(root, ctx.transform)
+    out = {**ds.describe(), **ctx.evaluate(ds)}
+    ctx.clean_error = 1 - out['top1'] / 100
+    # the companion numbers: clean images of the 200 classes of A and R, with the same logit masking
+    for name in ('imagenet-a', 'imagenet-r'):
+        _, indices = subset_classes(name)
+        sub = restrict(ds, indices)
+        if len(sub):
+            out[f'{name}-classes'] = ctx.evaluate(sub, class_indices=indices)
+    return out
+
+
+def _masked(name: str) -> Callable[[SuiteContext, str], Dict[str, Any]]:
+    def suite(ctx: SuiteContext, root: str) -> Dict[str, Any]:
+        wnids, indices = subset_classes(name)
+        index_of = imagenet_wnid_to_index()
+        ds = WnidImageFolder(root, {w: index_of[w] for w in wnids}, ctx.transform)
+        return {**ds.describe(), **ctx.evaluate(ds, class_indices=indices)}
+    return suite
+
+
+def _thousand_way(ctx: SuiteContext, root: str) -> Dict[str, Any]:
+    ds = _folder(root, ctx.transform)
+    return {**ds.describe(), **ctx.evaluate(ds)}
+
+
+def _imagenet_c(ctx: SuiteContext, root: str) -> Dict[str, Any]:
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f'Dataset folder not found: {root}')
+    transform = ctx.transform if ctx.c_preprocess == 'resize' else ctx.transform_as_is
+    errors: Dict[str, Dict[int, float]] = {}
+    images = 0
+    for corruption in ALL_CORRUPTIONS:
+        for severity in range(1, 6):
+            path = os.path.join(root, corruption, str(severity))
+            if not os.path.isdir(path):
+                continue
+            ds = _folder(path, transform)
+            result = ctx.evaluate(ds)
+            errors.setdefault(corruption, {})[severity] = 1 - result['top1'] / 100
+            images += result['images']
+            _logger.info(f'{corruption} {severity}: top-1 error {100 * errors[corruption][severity]:.2f} %')
+    if not errors:
+        raise RuntimeError(f'No <corruption>/<severity>/ folders under {root}.')
+    marker = os.path.join(root, GENERATED_MARKER)
+    generated = None
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            generated = json.load(f)
+    out = {
+        'root': root, 'images': images,
+        'label': 'ImageNet-C-style (generated)' if generated else 'ImageNet-C',
+        'preprocessing': ('timm eval transform (resize + centre crop to the model input)'
+                          if ctx.c_preprocess == 'resize' else 'as stored (no resize or crop)'),
+        'errors': errors,
+        **corruption_summary(errors, ctx.clean_error),
+    }
+    if generated:
+        out['generated'] = generated
+    if not out['complete']:
+        missing = [c for c in ALL_CORRUPTIONS[:15] if c not in out['ce']]
+        _logger.warning(f'ImageNet-C incomplete (no mCE): missing or partial {", ".join(missing)}')
+    return out
+
+
+SUITES: Dict[str, Callable[[SuiteContext, str], Dict[str, Any]]] = {
+    'imagenet': _imagenet,
+    'imagenet-c': _imagenet_c,
+    'imagenet-a': _masked('imagenet-a'),
+    'imagenet-r': _masked('imagenet-r'),
+    'sketch': _thousand_way,
+    'stylized': _thousand_way,
+}
+
+
+def run_suite(name: str, ctx: SuiteContext, root: str) -> Dict[str, Any]:
+    if name not in SUITES:
+        raise ValueError(f'Unknown suite {name!r}; choose from {", ".join(SUITES)}.')
+    return SUITES[name](ctx, root)
