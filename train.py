@@ -6,14 +6,9 @@
 
 Every flag: python train.py --help. The work is done by dcls_timm.training.
 """
-import sys
-
 import dcls_timm  # noqa: F401  (registers the models)
-from dcls_timm.training import ConfigError, NonFiniteLossError, main
+from dcls_timm.errors import run_cli
+from dcls_timm.training import NonFiniteLossError, main
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (ConfigError, NonFiniteLossError, FileNotFoundError) as e:
-        print(f'train.py: error: {e}', file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, 'train.py', (NonFiniteLossError,))

@@ -6,15 +6,9 @@
 
 Every flag: python validate.py --help. The work is done by dcls_timm.evaluation.
 """
-import sys
-
 import dcls_timm  # noqa: F401  (registers the models)
-from dcls_timm.errors import ConfigError
+from dcls_timm.errors import run_cli
 from dcls_timm.evaluation import CheckpointMismatchError, main
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (ConfigError, CheckpointMismatchError, FileNotFoundError) as e:
-        print(f'validate.py: error: {e}', file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, 'validate.py', (CheckpointMismatchError,))

@@ -246,3 +246,11 @@ def test_generator_is_deterministic_and_resumable(tmp_path):
     bad = subprocess.run(script[:-1] + ['--out', str(tmp_path / 'c'), '--corruptions', 'rain'],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and 'unknown corruption' in bad.stderr
+
+
+def test_cli_errors(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / 'validate.py'), '--model', 'convnext_atto_dcls', '--checkpoint',
+                           str(tmp_path / 'missing.pth'), '--data-dir', str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    assert 'validate.py: error: Checkpoint not found' in proc.stderr

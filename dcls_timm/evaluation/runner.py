@@ -16,7 +16,7 @@ from timm.utils import ParseKwargs, init_distributed_device, setup_default_loggi
 from dcls_timm.errors import ConfigError, check_model_name
 
 from .evaluator import evaluate_dataset
-from .loading import CheckpointMismatchError, load_weights
+from .loading import load_weights
 from .report import format_table, plot_imagenet_c, write_results
 from .suites import SUITES, SuiteContext, run_suite
 
@@ -78,11 +78,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     device = init_distributed_device(args)
     primary = args.rank == 0
 
-    model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes,
-                              **args.model_kwargs)
-    loaded = load_weights(model, args.checkpoint, args.use_ema) if args.checkpoint else None
     if args.use_ema and not args.checkpoint:
         raise ConfigError('--use-ema needs --checkpoint.')
+    try:
+        model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes,
+                                  **args.model_kwargs)
+    except TypeError as e:
+        raise ConfigError(f"Cannot create model '{args.model}' with these arguments: {e}") from None
+    loaded = load_weights(model, args.checkpoint, args.use_ema) if args.checkpoint else None
     model.to(device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -92,7 +95,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     amp = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
     ctx = SuiteContext(
-        model=model, transform=transform, transform_as_is=as_is, c_preprocess=args.c_preprocess,
+        transform=transform, transform_as_is=as_is, c_preprocess=args.c_preprocess,
         evaluate=partial(evaluate_dataset, model, device=device, batch_size=args.batch_size, workers=args.workers,
                          amp_autocast=amp, channels_last=args.channels_last, distributed=args.distributed))
 

@@ -3,13 +3,10 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
-
-import torch.nn as nn
+from typing import Any, Callable, Dict, Optional
 
 from .classes import imagenet_wnid_to_index, subset_classes
 from .datasets import WnidImageFolder, restrict
-from .evaluator import evaluate_dataset
 from .metrics import ALL_CORRUPTIONS, corruption_summary
 
 __all__ = ['SUITES', 'SuiteContext', 'run_suite', 'GENERATED_MARKER']
@@ -20,8 +17,7 @@ GENERATED_MARKER = 'GENERATED_BY_DCLS_TIMM.json'  # written by scripts/make_imag
 
 @dataclass
 class SuiteContext:
-    """What every suite needs: the model, its transforms and how to evaluate."""
-    model: nn.Module
+    """What every suite needs: the transforms and how to evaluate (the model is bound into ``evaluate``)."""
     transform: Callable
     transform_as_is: Callable  # only tensor conversion and normalisation (no resize or crop)
     evaluate: Callable[..., Dict[str, float]]  # evaluate_dataset with device, batch, amp, distributed bound

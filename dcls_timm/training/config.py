@@ -1,7 +1,7 @@
 """Command line and YAML configuration of train.py, with timm's flag names."""
 import argparse
 import difflib
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import yaml
 from timm.utils import ParseKwargs
