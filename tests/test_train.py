@@ -154,7 +154,7 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(image_folder, tmp_path, 
     (['--data-dir', '/nonexistent/imagenet'], 'Data directory not found'),
     (['-b', '64'], 'larger than the 36 training images'),
     (['--num-classes', '2'], 'has 3 classes but the model outputs 2'),
-    (['--dcls-recipe', 'on', '--model', 'resnet18', '--model-kwargs'], 'has no DCLS positions'),
+    (['--dcls-recipe', 'on', '--model', 'resnet18', '--model-kwargs'], 'has no layers it applies to'),
     (['--model-kwargs', 'dcls_verison=v1'], "Cannot create model .*did you mean 'dcls_version'"),
 ])
 def test_clear_errors(image_folder, tmp_path, extra, match):

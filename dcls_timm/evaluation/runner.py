@@ -14,6 +14,7 @@ from torchvision import transforms
 from timm.utils import ParseKwargs, init_distributed_device, setup_default_logging
 
 from dcls_timm.errors import ConfigError, check_model_name
+from dcls_timm.layers import set_kernel_resolution
 
 from .evaluator import evaluate_dataset
 from .loading import load_weights
@@ -27,7 +28,7 @@ _logger = logging.getLogger('validate')
 # where each suite's data lives under --data-dir unless its own flag says otherwise
 DEFAULT_ROOTS = {
     'imagenet': 'imagenet/val', 'imagenet-c': 'imagenet-c', 'imagenet-a': 'imagenet-a', 'imagenet-r': 'imagenet-r',
-    'sketch': 'sketch', 'stylized': 'stylized',
+    'sketch': 'sketch', 'stylized': 'stylized', 'dataset': '',
 }
 
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--use-ema', action='store_true', help='evaluate the EMA weights of a train.py checkpoint')
     p.add_argument('--pretrained', action='store_true')
     p.add_argument('--num-classes', type=int, default=1000)
+    p.add_argument('--in-chans', type=int, default=None)
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
     p.add_argument('--img-size', type=int, default=None)
     p.add_argument('--crop-pct', type=float, default=None)
@@ -56,8 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--data-dir', default='data', help='parent of the datasets (see the per-suite flags)')
     for name, sub in DEFAULT_ROOTS.items():
         p.add_argument(f'--{name}-dir', default=None, help=f'default: <data-dir>/{sub}')
+    p.add_argument('--dataset', default='', help="timm dataset for the 'dataset' suite, e.g. torch/cifar10")
+    p.add_argument('--split', default='validation', help="split for the 'dataset' suite")
+    p.add_argument('--dataset-download', action='store_true')
     p.add_argument('--c-preprocess', default='resize', choices=['resize', 'as-is'],
                    help="ImageNet-C images through the eval transform ('resize') or as stored ('as-is')")
+    p.add_argument('--kernel-resolution', type=int, default=None,
+                   help='sample continuous (FlexConv/CKConv) kernels on this grid, e.g. 33 for a model trained '
+                        'with grid 17 on half-size images (cross-resolution evaluation)')
     p.add_argument('--results-file', default='', help='write the results here')
     p.add_argument('--results-format', default='json', choices=['json', 'csv'])
     p.add_argument('--plot-file', default='', help='ImageNet-C PNG (default: next to the results file)')
@@ -82,10 +90,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         raise ConfigError('--use-ema needs --checkpoint.')
     try:
         model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes,
-                                  **args.model_kwargs)
+                                  in_chans=args.in_chans, **args.model_kwargs)
     except TypeError as e:
         raise ConfigError(f"Cannot create model '{args.model}' with these arguments: {e}") from None
     loaded = load_weights(model, args.checkpoint, args.use_ema) if args.checkpoint else None
+    if args.kernel_resolution is not None:
+        if not set_kernel_resolution(model, args.kernel_resolution):
+            raise ConfigError(f"--kernel-resolution: model '{args.model}' has no continuous-kernel layers.")
     model.to(device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -96,6 +107,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     amp = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
     ctx = SuiteContext(
         transform=transform, transform_as_is=as_is, c_preprocess=args.c_preprocess,
+        dataset=(args.dataset, args.split, args.dataset_download) if args.dataset else None,
         evaluate=partial(evaluate_dataset, model, device=device, batch_size=args.batch_size, workers=args.workers,
                          amp_autocast=amp, channels_last=args.channels_last, distributed=args.distributed))
 
@@ -103,6 +115,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         'model': args.model, 'checkpoint': args.checkpoint, 'ema': args.use_ema,
         'param_count': sum(p.numel() for p in model.parameters()),
         'img_size': data_config['input_size'][-1], 'crop_pct': data_config['crop_pct'],
+        'kernel_resolution': args.kernel_resolution,
         'interpolation': data_config['interpolation'], 'suites': {},
     }
     if loaded is not None and loaded.get('epoch') is not None:

@@ -23,6 +23,7 @@ class SuiteContext:
     evaluate: Callable[..., Dict[str, float]]  # evaluate_dataset with device, batch, amp, distributed bound
     c_preprocess: str = 'resize'
     clean_error: Optional[float] = None  # top-1 error (fraction) on clean ImageNet, for relative mCE
+    dataset: Optional[tuple] = None  # (timm dataset name, split, download) for the 'dataset' suite
 
 
 def _folder(root: str, transform) -> WnidImageFolder:
@@ -95,6 +96,17 @@ def _imagenet_c(ctx: SuiteContext, root: str) -> Dict[str, Any]:
     return out
 
 
+def _timm_dataset(ctx: SuiteContext, root: str) -> Dict[str, Any]:
+    """Any timm dataset with its own labels (e.g. torch/cifar10, image folders), for non-ImageNet models."""
+    from timm.data import create_dataset
+    if ctx.dataset is None:
+        raise RuntimeError('the dataset suite needs --dataset (e.g. torch/cifar10) and --split.')
+    name, split, download = ctx.dataset
+    ds = create_dataset(name, root=root, split=split, download=download)
+    ds.transform = ctx.transform
+    return {'root': root, 'dataset': name, 'split': split, **ctx.evaluate(ds)}
+
+
 SUITES: Dict[str, Callable[[SuiteContext, str], Dict[str, Any]]] = {
     'imagenet': _imagenet,
     'imagenet-c': _imagenet_c,
@@ -102,6 +114,7 @@ SUITES: Dict[str, Callable[[SuiteContext, str], Dict[str, Any]]] = {
     'imagenet-r': _masked('imagenet-r'),
     'sketch': _thousand_way,
     'stylized': _thousand_way,
+    'dataset': _timm_dataset,
 }
 
 

@@ -1,6 +1,11 @@
-"""Plain ``torch.nn`` building blocks: DCLS convolutions and their kernel construction."""
+"""Plain ``torch.nn`` building blocks: DCLS convolutions, their kernel construction, continuous-kernel convs."""
 from .dcls import (
     Dcls1d, Dcls2d, Dcls3d, DclsPositions, clamp_positions_, dcls_layers, position_owners, position_parameters,
     share_positions,
 )
 from .kernel import DCLS_VERSIONS, construct_kernel, interpolation_profiles
+from .flexconv import (
+    CKConv, FlexConv, SeparableFlexConv, anti_aliasing_loss, continuous_convs, fft_conv, set_kernel_resolution,
+    update_crop_sizes_,
+)
+from .magnet import MAGNet, coordinate_grid

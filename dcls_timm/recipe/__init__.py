@@ -1,9 +1,10 @@
-"""The DCLS training recipe: parameter groups, clamping, repulsive loss, position monitoring.
+"""Training recipes: DCLS (position groups, clamping, repulsive loss, position monitor) and FlexConv (mask groups,
+anti-aliasing loss, crop refresh).
 
 EMA needs nothing special: shared positions are one tensor in the state dict, so ``timm.utils.ModelEmaV3`` updates
 each of them once per step.
 """
-from .groups import dcls_param_groups
+from .groups import dcls_param_groups, special_param_groups
 from .monitor import PositionMonitor
-from .recipe import DclsRecipe
+from .recipe import CompositeRecipe, DclsRecipe, FlexConvRecipe
 from .repulsive import repulsive_loss, repulsive_term

@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('Augmentation and regularisation')
     g.add_argument('--no-aug', action='store_true')
-    g.add_argument('--train-crop-mode', default=None)
+    g.add_argument('--train-crop-mode', default=None,
+                   help="timm's ('rrc', 'rkrc', 'rkrr'), or 'pad': zero-pad by --crop-padding and random-crop")
+    g.add_argument('--crop-padding', type=int, default=4)
     g.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0])
     g.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.])
     g.add_argument('--hflip', type=float, default=0.5)
@@ -124,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--no-clamp-positions', action='store_true')
     g.add_argument('--repulsive-weight', type=float, default=1., help='weight of rep^2 (0: off)')
     g.add_argument('--repulsive-after-epoch', type=int, default=20, help='active once epoch > this (0-based)')
+
+    g = p.add_argument_group('FlexConv recipe (on by default for models with FlexConv/CKConv layers)')
+    g.add_argument('--flexconv-recipe', default='auto', choices=['auto', 'on', 'off'])
+    g.add_argument('--mask-lr-scale', type=float, default=0.1, help='lr multiplier of the Gaussian masks')
+    g.add_argument('--antialias-factor', type=float, default=0.1, help='anti-aliasing loss weight (0: off)')
+    g.add_argument('--antialias-target', default='gabor+mask', choices=['gabor', 'gabor+mask'])
 
     g = p.add_argument_group('Misc')
     g.add_argument('--seed', type=int, default=42)

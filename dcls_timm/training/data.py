@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from timm.data import create_dataset, create_loader
+from torchvision import transforms
 
 from dcls_timm.errors import ConfigError
 
@@ -83,12 +84,19 @@ def build_loader(
         num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem, device=device,
         use_prefetcher=use_prefetcher, persistent_workers=False, collate_fn=collate_fn)
     if is_training:
-        return create_loader(
+        pad_crop = args.train_crop_mode == 'pad'
+        loader = create_loader(
             dataset, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
-            re_mode=args.remode, re_count=args.recount, train_crop_mode=args.train_crop_mode,
+            re_mode=args.remode, re_count=args.recount, train_crop_mode=None if pad_crop else args.train_crop_mode,
             scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
             color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=args.train_interpolation,
             worker_seeding='all', **common)
+        if pad_crop and not args.no_aug:
+            # CIFAR-style augmentation: zero-pad, then a random crop of the input size (in place of timm's RRC)
+            steps = dataset.transform.transforms
+            size = data_config['input_size'][1:]
+            steps[0] = transforms.RandomCrop(size, padding=args.crop_padding)
+        return loader
     return create_loader(
         dataset, batch_size=args.validation_batch_size or args.batch_size, is_training=False,
         interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)

@@ -10,7 +10,6 @@ import torch.distributed as dist
 import torch.nn as nn
 from timm.utils import AverageMeter, accuracy, dispatch_clip_grad, reduce_tensor, unwrap_model
 
-from dcls_timm.recipe import DclsRecipe
 
 __all__ = ['NonFiniteLossError', 'train_one_epoch', 'evaluate']
 
@@ -37,7 +36,7 @@ def train_one_epoch(
         args: Any,
         device: torch.device,
         lr_scheduler=None,
-        recipe: Optional[DclsRecipe] = None,
+        recipe: Optional[Any] = None,
         model_ema: Optional[nn.Module] = None,
         mixup_fn: Optional[Callable] = None,
         amp_autocast: Callable = nullcontext,
@@ -47,11 +46,13 @@ def train_one_epoch(
 ) -> Tuple[Dict[str, float], int]:
     """Train one epoch.
 
-    Each optimizer step (once ``grad_accum_steps`` micro-batches are accumulated) is followed by the recipe's
-    position clamping and then the EMA update.
+    The recipe's auxiliary losses (e.g. the DCLS repulsive loss) are added to the task loss and logged apart. Each
+    optimizer step (once ``grad_accum_steps`` micro-batches are accumulated) is followed by the recipe's hook
+    (e.g. position clamping) and then the EMA update.
 
     Returns:
-        Epoch metrics (loss, task_loss, rep_loss, img_per_sec, lr of every parameter group) and the update count.
+        Epoch metrics (loss, task_loss, each auxiliary loss, img_per_sec, lr of every parameter group) and the
+        update count.
     """
     if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         if getattr(loader, 'mixup_enabled', False):
@@ -64,7 +65,9 @@ def train_one_epoch(
     last_accum_steps = num_batches % accum or accum
     last_batch_start = num_batches - last_accum_steps
     updates_per_epoch = (num_batches + accum - 1) // accum
-    loss_m, task_m, rep_m = AverageMeter(), AverageMeter(), AverageMeter()
+    aux_names = recipe.aux_loss_names if recipe is not None else ()
+    loss_m, task_m = AverageMeter(), AverageMeter()
+    aux_m = {name: AverageMeter() for name in aux_names}
     seen, start = 0, time.perf_counter()
     optimizer.zero_grad()
     for batch_idx, (inputs, target) in enumerate(loader):
@@ -82,8 +85,8 @@ def train_one_epoch(
             with amp_autocast():
                 output = model(inputs)
                 task_loss = loss_fn(output, target)
-            rep = recipe.repulsive(unwrapped, epoch) if recipe is not None else None
-            loss = task_loss if rep is None else task_loss + recipe.repulsive_weight * rep.float() ** 2
+            aux = recipe.aux_losses(unwrapped, epoch) if recipe is not None else {}
+            loss = task_loss + sum(aux.values()) if aux else task_loss
             if not _all_finite(loss, args.distributed):
                 raise NonFiniteLossError(
                     f'Loss is {loss.item()} at epoch {epoch}, batch {batch_idx} (task loss {task_loss.item()}). '
@@ -104,8 +107,8 @@ def train_one_epoch(
         seen += n
         loss_m.update(loss.item(), n)
         task_m.update(task_loss.item(), n)
-        if rep is not None:
-            rep_m.update(rep.item(), n)
+        for name, value in aux.items():
+            aux_m[name].update(value.item(), n)
         if not need_update:
             continue
         optimizer.zero_grad()
@@ -119,15 +122,17 @@ def train_one_epoch(
         update_idx = batch_idx // accum
         if is_primary and (update_idx % args.log_interval == 0 or last_batch):
             lr = optimizer.param_groups[0]['lr']
+            aux_text = ''.join(f'{k} {m.avg:.4f} ' for k, m in aux_m.items())
             _logger.info(
                 f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch}] loss {loss_m.val:.4f} ({loss_m.avg:.4f}) '
-                f'task {task_m.avg:.4f} rep {rep_m.avg:.4f} lr {lr:.3e} '
+                f'task {task_m.avg:.4f} {aux_text}lr {lr:.3e} '
                 f'{seen * args.world_size / (time.perf_counter() - start):.1f} img/s')
 
     elapsed = time.perf_counter() - start
-    metrics = OrderedDict(
-        loss=loss_m.avg, task_loss=task_m.avg, rep_loss=rep_m.avg if rep_m.count else 0.,
-        img_per_sec=seen * args.world_size / max(elapsed, 1e-9))
+    metrics = OrderedDict(loss=loss_m.avg, task_loss=task_m.avg)
+    for name, meter in aux_m.items():  # always present, so summary.csv keeps its columns
+        metrics[name] = meter.avg if meter.count else 0.
+    metrics['img_per_sec'] = seen * args.world_size / max(elapsed, 1e-9)
     for i, group in enumerate(optimizer.param_groups):
         metrics[f"lr_{group.get('group_name', i)}"] = group['lr']
     return metrics, num_updates

@@ -22,7 +22,7 @@ from timm.utils import (
 )
 
 from dcls_timm.errors import ConfigError, check_model_name
-from dcls_timm.recipe import DclsRecipe, PositionMonitor
+from dcls_timm.recipe import CompositeRecipe, DclsRecipe, FlexConvRecipe, PositionMonitor
 
 from .checkpoint import AtomicCheckpointSaver, load_training_checkpoint, plain_args, rng_state, set_rng_state
 from .config import parse_args
@@ -55,15 +55,24 @@ def _resolve_lr(args: Any) -> float:
     return lr
 
 
-def _recipe(args: Any, model: nn.Module) -> Optional[DclsRecipe]:
-    if args.dcls_recipe == 'off' or (args.dcls_recipe == 'auto' and not DclsRecipe.applies_to(model)):
-        return None
-    if not DclsRecipe.applies_to(model):
-        raise ConfigError(f"--dcls-recipe on, but model '{args.model}' has no DCLS positions.")
-    return DclsRecipe(
-        position_lr_scale=args.position_lr_scale, position_weight_decay=args.position_weight_decay,
-        clamp=not args.no_clamp_positions, repulsive_weight=args.repulsive_weight,
-        repulsive_after_epoch=args.repulsive_after_epoch)
+def _recipe(args: Any, model: nn.Module) -> Optional[CompositeRecipe]:
+    """The recipes that apply: each is on for models it fits ('auto'), forced ('on') or off."""
+    parts = []
+    for flag, cls, make in [
+        ('dcls_recipe', DclsRecipe, lambda: DclsRecipe(
+            position_lr_scale=args.position_lr_scale, position_weight_decay=args.position_weight_decay,
+            clamp=not args.no_clamp_positions, repulsive_weight=args.repulsive_weight,
+            repulsive_after_epoch=args.repulsive_after_epoch)),
+        ('flexconv_recipe', FlexConvRecipe, lambda: FlexConvRecipe(
+            mask_lr_scale=args.mask_lr_scale, antialias_factor=args.antialias_factor,
+            antialias_target=args.antialias_target)),
+    ]:
+        mode, fits = getattr(args, flag), cls.applies_to(model)
+        if mode == 'on' and not fits:
+            raise ConfigError(f"--{flag.replace('_', '-')} on, but model '{args.model}' has no layers it applies to.")
+        if mode == 'on' or (mode == 'auto' and fits):
+            parts.append(make())
+    return CompositeRecipe(parts) if parts else None
 
 
 def _losses(args: Any, mixup_active: bool):
@@ -211,7 +220,7 @@ def run(args: Any) -> Dict[str, Any]:
             writer = SummaryWriter(os.path.join(output_dir, 'tensorboard'))
         _logger.info(f'Output: {output_dir}; {num_epochs} epochs of {updates_per_epoch} updates')
 
-    monitor = PositionMonitor(unwrap_model(model)) if recipe is not None else None
+    monitor = PositionMonitor(unwrap_model(model)) if DclsRecipe.applies_to(unwrap_model(model)) else None
     if checkpoint is not None and 'rng' in checkpoint:
         set_rng_state(checkpoint['rng'])  # last: everything before consumed randomness a fresh run did not
 

@@ -1,0 +1,158 @@
+"""FlexNet: residual networks of FlexConvs (learned kernel sizes), no pooling or striding.
+
+Paper: `FlexConv: Continuous Kernel Convolutions with Differentiable Kernel Sizes` - https://arxiv.org/abs/2110.08059
+
+Stem ``FlexConv -> BN -> ReLU``, then blocks ``FlexConv -> BN -> ReLU -> Dropout -> FlexConv -> BN (+ shortcut, a
+1x1 conv only where the width changes) -> ReLU``, global average pool and a 1x1-conv classifier.
+"""
+from functools import partial
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from timm.layers import ClassifierHead
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from dcls_timm.layers import FlexConv
+
+__all__ = ['FlexNet', 'FlexNetBlock']
+
+
+class FlexNetBlock(nn.Module):
+    """Residual block of two convolutions (FlexConv by default)."""
+
+    def __init__(self, in_chs: int, out_chs: int, conv_layer: Callable[[int, int], nn.Module], dropout: float = 0.2):
+        super().__init__()
+        self.conv1 = conv_layer(in_chs, out_chs)
+        self.bn1 = nn.BatchNorm2d(out_chs)
+        self.act1 = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(dropout)
+        self.conv2 = conv_layer(out_chs, out_chs)
+        self.bn2 = nn.BatchNorm2d(out_chs)
+        self.shortcut = nn.Conv2d(in_chs, out_chs, 1) if in_chs != out_chs else nn.Identity()
+        self.act2 = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.drop(self.act1(self.bn1(self.conv1(x))))
+        return self.act2(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class FlexNet(nn.Module):
+    """FlexNet for image classification at constant resolution."""
+
+    def __init__(
+            self,
+            widths: Sequence[int] = (24, 36, 48),
+            num_classes: int = 10,
+            in_chans: int = 3,
+            kernel_size: int = 33,
+            conv_type: str = 'flex',
+            dropout: float = 0.2,
+            drop_rate: float = 0.,
+            global_pool: str = 'avg',
+            hidden: int = 32,
+            mask_init: float = 0.075,
+            fft: str = 'auto',
+    ):
+        """
+        Args:
+            widths: Width of each residual block (the stem has the first width).
+            num_classes: Classifier outputs.
+            in_chans: Input channels.
+            kernel_size: FlexConv grid points per axis (33 for 32 px images).
+            conv_type: ``'flex'`` (FlexConv) or ``'conv3'`` (plain 3x3 convs, the paper's baseline).
+            dropout: Dropout inside each block.
+            drop_rate: Dropout before the classifier.
+            global_pool: timm pooling type.
+            hidden, mask_init, fft: FlexConv settings (MAGNet width, initial mask sigma, FFT use).
+        """
+        super().__init__()
+        if conv_type == 'flex':
+            conv_layer = partial(FlexConv, kernel_size=kernel_size, hidden=hidden, mask_init=mask_init, fft=fft)
+        elif conv_type == 'conv3':
+            conv_layer = partial(nn.Conv2d, kernel_size=3, padding=1)
+        else:
+            raise ValueError(f"conv_type must be 'flex' or 'conv3', got {conv_type!r}.")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.stem = nn.Sequential(conv_layer(in_chans, widths[0]), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        blocks, prev = [], widths[0]
+        self.feature_info = [dict(num_chs=prev, reduction=1, module='stem.2')]
+        for i, w in enumerate(widths):
+            blocks.append(FlexNetBlock(prev, w, conv_layer, dropout))
+            self.feature_info.append(dict(num_chs=w, reduction=1, module=f'blocks.{i}'))
+            prev = w
+        self.blocks = nn.Sequential(*blocks)
+        self.num_features = self.head_hidden_size = prev
+        self.head = ClassifierHead(prev, num_classes, pool_type=global_pool, drop_rate=drop_rate, use_conv=True)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r'^stem', blocks=r'^blocks\.(\d+)')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            raise NotImplementedError('FlexNet has no gradient checkpointing.')
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_flexnet(variant: str, pretrained: bool = False, **kwargs) -> FlexNet:
+    return build_model_with_cfg(
+        FlexNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)), **kwargs)
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'url': '', 'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': None, 'crop_pct': 1.0,
+        'interpolation': 'bilinear', 'mean': (0.4914, 0.4822, 0.4465), 'std': (0.2470, 0.2435, 0.2616),
+        'first_conv': 'stem.0', 'classifier': 'head.fc', 'paper_ids': 'arXiv:2110.08059',
+        'paper_name': 'FlexConv: Continuous Kernel Convolutions with Differentiable Kernel Sizes', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'flexnet_3': _cfg(), 'flexnet_5': _cfg(), 'flexnet_7': _cfg(), 'flexnet_7_conv3': _cfg(),
+})
+
+
+@register_model
+def flexnet_3(pretrained: bool = False, **kwargs) -> FlexNet:
+    """FlexNet-3 (CIFAR-10: 277,090 params, 90.4 %)."""
+    return _create_flexnet('flexnet_3', pretrained, **dict(dict(widths=(24, 36, 48)), **kwargs))
+
+
+@register_model
+def flexnet_5(pretrained: bool = False, **kwargs) -> FlexNet:
+    """FlexNet-5 (CIFAR-10: 454,046 params, 91.0 %)."""
+    return _create_flexnet('flexnet_5', pretrained, **dict(dict(widths=(22, 33, 33, 44, 44)), **kwargs))
+
+
+@register_model
+def flexnet_7(pretrained: bool = False, **kwargs) -> FlexNet:
+    """FlexNet-7 (CIFAR-10: 671,650 params, 92.2 %)."""
+    return _create_flexnet('flexnet_7', pretrained, **dict(dict(widths=(24, 24, 36, 36, 36, 48, 48)), **kwargs))
+
+
+@register_model
+def flexnet_7_conv3(pretrained: bool = False, **kwargs) -> FlexNet:
+    """FlexNet-7 with plain 3x3 convs (CIFAR-10: 169,990 params, 89.5 %)."""
+    return _create_flexnet('flexnet_7_conv3', pretrained,
+                           **dict(dict(widths=(24, 24, 36, 36, 36, 48, 48), conv_type='conv3'), **kwargs))
