@@ -78,7 +78,7 @@ def test_label_mapping_never_shifts(tmp_path):
     assert [t for _, t in ds.samples] == [0, 0, 2, 2, 2]
     assert ds.ignored_folders == ['not_a_wnid']
     assert ds.describe()['classes'] == 2 and ds.describe()['images'] == 5
-    with pytest.raises(RuntimeError, match='No images of known classes'):
+    with pytest.raises(FileNotFoundError, match='No images of known classes'):
         WnidImageFolder(str(tmp_path / 'not_a_wnid'), imagenet_wnid_to_index())
 
 

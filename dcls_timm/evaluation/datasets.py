@@ -38,7 +38,8 @@ class WnidImageFolder(torch.utils.data.Dataset):
             _logger.warning(f'{root}: {len(self.ignored_folders)} folder(s) are not known classes and are ignored: '
                             f'{", ".join(self.ignored_folders[:5])}{" ..." if len(self.ignored_folders) > 5 else ""}')
         if not self.samples:
-            raise RuntimeError(f'No images of known classes under {root} (expected <root>/<wnid>/<image> folders).')
+            raise FileNotFoundError(
+                f'No images of known classes under {root} (expected <root>/<wnid>/<image> folders).')
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--data-dir', default='data', help='parent of the datasets (see the per-suite flags)')
     for name, sub in DEFAULT_ROOTS.items():
         p.add_argument(f'--{name}-dir', default=None, help=f'default: <data-dir>/{sub}')
-    p.add_argument('--dataset', default='', help="timm dataset for the 'dataset' suite, e.g. torch/cifar10")
+    p.add_argument('--dataset', default='', help="timm dataset for the 'dataset' suite, e.g. torch/cifar10 ('': image folders)")
     p.add_argument('--split', default='validation', help="split for the 'dataset' suite")
     p.add_argument('--dataset-download', action='store_true')
     p.add_argument('--c-preprocess', default='resize', choices=['resize', 'as-is'],
@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     amp = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
     ctx = SuiteContext(
         transform=transform, transform_as_is=as_is, c_preprocess=args.c_preprocess,
-        dataset=(args.dataset, args.split, args.dataset_download) if args.dataset else None,
+        dataset=(args.dataset, args.split, args.dataset_download),
+        img_mode='L' if data_config['input_size'][0] == 1 else 'RGB',
         evaluate=partial(evaluate_dataset, model, device=device, batch_size=args.batch_size, workers=args.workers,
                          amp_autocast=amp, channels_last=args.channels_last, distributed=args.distributed))
 
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         root = getattr(args, f"{suite.replace('-', '_')}_dir") or os.path.join(args.data_dir, DEFAULT_ROOTS[suite])
         try:
             results['suites'][suite] = run_suite(suite, ctx, root)
-        except (FileNotFoundError, RuntimeError) as e:
+        except FileNotFoundError as e:
             raise ConfigError(f'{suite}: {e}') from None
         if primary:
             r = results['suites'][suite]

@@ -23,7 +23,8 @@ class SuiteContext:
     evaluate: Callable[..., Dict[str, float]]  # evaluate_dataset with device, batch, amp, distributed bound
     c_preprocess: str = 'resize'
     clean_error: Optional[float] = None  # top-1 error (fraction) on clean ImageNet, for relative mCE
-    dataset: Optional[tuple] = None  # (timm dataset name, split, download) for the 'dataset' suite
+    dataset: tuple = ('', 'validation', False)  # (timm dataset name, split, download) for the 'dataset' suite
+    img_mode: str = 'RGB'  # PIL mode the 'dataset' suite loads ('L' for one-channel models)
 
 
 def _folder(root: str, transform) -> WnidImageFolder:
@@ -74,7 +75,7 @@ def _imagenet_c(ctx: SuiteContext, root: str) -> Dict[str, Any]:
             images += result['images']
             _logger.info(f'{corruption} {severity}: top-1 error {100 * errors[corruption][severity]:.2f} %')
     if not errors:
-        raise RuntimeError(f'No <corruption>/<severity>/ folders under {root}.')
+        raise FileNotFoundError(f'No <corruption>/<severity>/ folders under {root}.')
     marker = os.path.join(root, GENERATED_MARKER)
     generated = None
     if os.path.isfile(marker):
@@ -99,10 +100,8 @@ def _imagenet_c(ctx: SuiteContext, root: str) -> Dict[str, Any]:
 def _timm_dataset(ctx: SuiteContext, root: str) -> Dict[str, Any]:
     """Any timm dataset with its own labels (e.g. torch/cifar10, image folders), for non-ImageNet models."""
     from timm.data import create_dataset
-    if ctx.dataset is None:
-        raise RuntimeError('the dataset suite needs --dataset (e.g. torch/cifar10) and --split.')
     name, split, download = ctx.dataset
-    ds = create_dataset(name, root=root, split=split, download=download)
+    ds = create_dataset(name, root=root, split=split, download=download, input_img_mode=ctx.img_mode)
     ds.transform = ctx.transform
     return {'root': root, 'dataset': name, 'split': split, **ctx.evaluate(ds)}
 
