@@ -7,7 +7,7 @@ the mask parameters have changed (``update_crop_sizes_`` does all layers with on
 step), so a forward pass does not synchronise with the device per layer.
 """
 import math
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn

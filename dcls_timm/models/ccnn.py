@@ -6,7 +6,7 @@ Stem ``SeparableFlexConv -> BN -> GELU``, then pre-norm blocks
 ``x + GELU(Conv1x1(Dropout(GELU(SeparableFlexConv(BN(x))))))``, a final BN, global pooling and a linear head.
 The masks learn their widths only (centred), as the paper's parameter counts imply.
 """
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 import torch.nn as nn
@@ -14,6 +14,8 @@ from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from dcls_timm.layers import SeparableFlexConv
+
+from ._classifier_net import StemBlocksClassifier
 
 __all__ = ['CCNN', 'CCNNBlock']
 
@@ -35,7 +37,7 @@ class CCNNBlock(nn.Module):
         return x + self.act2(self.linear(self.drop(self.act1(self.conv(self.norm(x))))))
 
 
-class CCNN(nn.Module):
+class CCNN(StemBlocksClassifier):
     """CCNN-B,C: B blocks of width C at constant resolution."""
 
     def __init__(
@@ -82,28 +84,6 @@ class CCNN(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r'^stem', blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            raise NotImplementedError('CCNN has no gradient checkpointing.')
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.blocks(self.stem(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_ccnn(variant: str, pretrained: bool = False, **kwargs) -> CCNN:

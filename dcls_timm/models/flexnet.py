@@ -6,7 +6,7 @@ Stem ``FlexConv -> BN -> ReLU``, then blocks ``FlexConv -> BN -> ReLU -> Dropout
 1x1 conv only where the width changes) -> ReLU``, global average pool and a 1x1-conv classifier.
 """
 from functools import partial
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Sequence
 
 import torch
 import torch.nn as nn
@@ -14,6 +14,8 @@ from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from dcls_timm.layers import FlexConv
+
+from ._classifier_net import StemBlocksClassifier
 
 __all__ = ['FlexNet', 'FlexNetBlock']
 
@@ -37,7 +39,7 @@ class FlexNetBlock(nn.Module):
         return self.act2(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class FlexNet(nn.Module):
+class FlexNet(StemBlocksClassifier):
     """FlexNet for image classification at constant resolution."""
 
     def __init__(
@@ -84,34 +86,13 @@ class FlexNet(nn.Module):
             self.feature_info.append(dict(num_chs=w, reduction=1, module=f'blocks.{i}'))
             prev = w
         self.blocks = nn.Sequential(*blocks)
+        self.norm = nn.Identity()
         self.num_features = self.head_hidden_size = prev
         self.head = ClassifierHead(prev, num_classes, pool_type=global_pool, drop_rate=drop_rate, use_conv=True)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r'^stem', blocks=r'^blocks\.(\d+)')
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            raise NotImplementedError('FlexNet has no gradient checkpointing.')
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.stem(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_flexnet(variant: str, pretrained: bool = False, **kwargs) -> FlexNet:
