@@ -166,23 +166,35 @@ def test_separable_flexconv_and_ckconv_shapes():
         FlexConv(2, 3, 9, depthwise=True)
 
 
-@pytest.mark.parametrize('name', ['flexnet_3', 'flexnet_7_conv3', 'ccnn_4_140', 'resnet50_dcls'])
+NEW_MODELS = ['flexnet_3', 'flexnet_5', 'flexnet_7', 'flexnet_7_conv3', 'ccnn_4_140', 'ccnn_6_380',
+              'resnet26_dcls', 'resnet50_dcls', 'resnet101_dcls']
+
+
+@pytest.mark.parametrize('name', NEW_MODELS)
 def test_timm_api(name):
-    size = 64 if 'resnet' in name else 16
+    size = 32 if 'resnet' in name else 16
+    torch.manual_seed(1)
     model = timm.create_model(name, num_classes=5, in_chans=1)
     x = torch.randn(2, 1, size, size)
     out = model(x)
     assert out.shape == (2, 5)
     out.logsumexp(-1).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
-    if name.startswith('ccnn'):
-        missing = [n for n in missing if not n.endswith('mask_mean')]
     assert not missing, missing
-    model.reset_classifier(3)
-    assert model(x).shape == (2, 3)
-    feats = timm.create_model(name, features_only=True, in_chans=1)
+    model.eval()
+    final, inter = model.forward_intermediates(x)
+    torch.testing.assert_close(final, model.forward_features(x))
+    torch.manual_seed(1)
+    feats = timm.create_model(name, features_only=True, in_chans=1).eval()
     outs = feats(x)
     assert [o.shape[1] for o in outs] == feats.feature_info.channels()
+    torch.manual_seed(1)
+    fx = timm.create_model(name, features_only=True, in_chans=1, feature_cls='fx').eval()
+    fx_outs = fx(x)
+    for o, f in zip(outs, fx_outs.values() if isinstance(fx_outs, dict) else fx_outs):
+        torch.testing.assert_close(f, o)
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3)
     assert model.pretrained_cfg['num_classes'] in (10, 1000)
 
 

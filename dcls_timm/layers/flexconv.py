@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 
 from .magnet import MAGNet, coordinate_grid
 
@@ -205,6 +206,11 @@ class SeparableFlexConv(nn.Module):
 
 
 _CONV_FNS_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+# The cropped kernel size is host-side data: FX cannot trace through it, so the layers are leaves for timm's FX
+# feature extraction.
+for _cls in (_ContinuousConvNd, CKConv, FlexConv):
+    register_notrace_module(_cls)
 
 
 def continuous_convs(model: nn.Module) -> List[_ContinuousConvNd]:
