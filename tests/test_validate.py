@@ -151,6 +151,14 @@ def test_as_is_preprocessing_and_errors(data_root, tmp_path):
     assert 'relative_mce' not in results['suites']['imagenet-c']  # no clean error without the imagenet suite
     with pytest.raises(ConfigError, match='Unknown suite'):
         run(_args(data_root, tmp_path / 'r.json', '--suite', 'imagenet-x'))
+    # a class map replaces the ImageNet order (sketch folders -> indices 0 and 1 here)
+    cmap = tmp_path / 'map.txt'
+    cmap.write_text('\n'.join(WNIDS[10:12]) + '\n')
+    mapped = run(_args(data_root, tmp_path / 'm.json', '--suite', 'sketch', '--class-map', str(cmap),
+                       '--num-classes', '2'))
+    assert mapped['suites']['sketch']['images'] == 2 and mapped['suites']['sketch']['classes'] == 2
+    with pytest.raises(ConfigError, match='standard ImageNet-1k order'):
+        run(_args(data_root, tmp_path / 'r.json', '--suite', 'imagenet-a', '--class-map', str(cmap)))
     with pytest.raises(ConfigError, match='sketch: Dataset folder not found'):
         run(_args(data_root, tmp_path / 'r.json', '--suite', 'sketch', '--sketch-dir', str(tmp_path / 'none')))
 

@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--amp', action='store_true')
     p.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'])
     p.add_argument('--channels-last', action='store_true')
-    p.add_argument('--class-map', default='', help='not supported: labels always come from the ImageNet wnid map')
+    p.add_argument('--class-map', default='',
+                   help='timm class-map file (folder name -> index) instead of the ImageNet wnid order '
+                        '(not with imagenet-a/-r, whose masks assume the standard order)')
     p.add_argument('--suite', default='imagenet', help=f'comma-separated: {",".join(SUITES)}')
     p.add_argument('--data-dir', default='data', help='parent of the datasets (see the per-suite flags)')
     for name, sub in DEFAULT_ROOTS.items():
@@ -77,8 +79,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     unknown = [s for s in suites if s not in SUITES]
     if unknown or not suites:
         raise ConfigError(f'Unknown suite(s) {unknown}; choose from {", ".join(SUITES)}.')
-    if args.class_map:
-        raise ConfigError('--class-map is not supported: every suite maps wnid folders to ImageNet indices.')
+    if args.class_map and not os.path.isfile(args.class_map):
+        raise ConfigError(f'Class map not found: {args.class_map}')
     suites = [s for s in SUITES if s in suites]  # clean ImageNet first: its error feeds the relative mCE
     check_model_name(args.model)
     if args.device is None:
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     ctx = SuiteContext(
         transform=transform, transform_as_is=as_is, c_preprocess=args.c_preprocess,
         dataset=(args.dataset, args.split, args.dataset_download),
-        img_mode='L' if data_config['input_size'][0] == 1 else 'RGB',
+        img_mode='L' if data_config['input_size'][0] == 1 else 'RGB', class_map=args.class_map,
         evaluate=partial(evaluate_dataset, model, device=device, batch_size=args.batch_size, workers=args.workers,
                          amp_autocast=amp, channels_last=args.channels_last, distributed=args.distributed))
 
@@ -125,7 +127,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         root = getattr(args, f"{suite.replace('-', '_')}_dir") or os.path.join(args.data_dir, DEFAULT_ROOTS[suite])
         try:
             results['suites'][suite] = run_suite(suite, ctx, root)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f'{suite}: {e}') from None
         if primary:
             r = results['suites'][suite]

@@ -25,16 +25,25 @@ class SuiteContext:
     clean_error: Optional[float] = None  # top-1 error (fraction) on clean ImageNet, for relative mCE
     dataset: tuple = ('', 'validation', False)  # (timm dataset name, split, download) for the 'dataset' suite
     img_mode: str = 'RGB'  # PIL mode the 'dataset' suite loads ('L' for one-channel models)
+    class_map: str = ''  # a timm class-map file (folder name -> index) replacing the ImageNet wnid order
+
+    def wnid_to_index(self) -> Dict[str, int]:
+        if not self.class_map:
+            return imagenet_wnid_to_index()
+        from timm.data.readers.class_map import load_class_map
+        return load_class_map(self.class_map)
 
 
-def _folder(root: str, transform) -> WnidImageFolder:
-    return WnidImageFolder(root, imagenet_wnid_to_index(), transform)
+def _folder(ctx: SuiteContext, root: str, transform) -> WnidImageFolder:
+    return WnidImageFolder(root, ctx.wnid_to_index(), transform)
 
 
 def _imagenet(ctx: SuiteContext, root: str) -> Dict[str, Any]:
-    ds = _folder(root, ctx.transform)
+    ds = _folder(ctx, root, ctx.transform)
     out = {**ds.describe(), **ctx.evaluate(ds)}
     ctx.clean_error = 1 - out['top1'] / 100
+    if ctx.class_map:  # the A/R masks are defined on the standard 1k order
+        return out
     # the companion numbers: clean images of the 200 classes of A and R, with the same logit masking
     for name in ('imagenet-a', 'imagenet-r'):
         _, indices = subset_classes(name)
@@ -46,6 +55,8 @@ def _imagenet(ctx: SuiteContext, root: str) -> Dict[str, Any]:
 
 def _masked(name: str) -> Callable[[SuiteContext, str], Dict[str, Any]]:
     def suite(ctx: SuiteContext, root: str) -> Dict[str, Any]:
+        if ctx.class_map:
+            raise ValueError(f'{name} masks are defined on the standard ImageNet-1k order: drop --class-map.')
         wnids, indices = subset_classes(name)
         index_of = imagenet_wnid_to_index()
         ds = WnidImageFolder(root, {w: index_of[w] for w in wnids}, ctx.transform)
@@ -54,7 +65,7 @@ def _masked(name: str) -> Callable[[SuiteContext, str], Dict[str, Any]]:
 
 
 def _thousand_way(ctx: SuiteContext, root: str) -> Dict[str, Any]:
-    ds = _folder(root, ctx.transform)
+    ds = _folder(ctx, root, ctx.transform)
     return {**ds.describe(), **ctx.evaluate(ds)}
 
 
@@ -69,7 +80,7 @@ def _imagenet_c(ctx: SuiteContext, root: str) -> Dict[str, Any]:
             path = os.path.join(root, corruption, str(severity))
             if not os.path.isdir(path):
                 continue
-            ds = _folder(path, transform)
+            ds = _folder(ctx, path, transform)
             result = ctx.evaluate(ds)
             errors.setdefault(corruption, {})[severity] = 1 - result['top1'] / 100
             images += result['images']
@@ -101,7 +112,8 @@ def _timm_dataset(ctx: SuiteContext, root: str) -> Dict[str, Any]:
     """Any timm dataset with its own labels (e.g. torch/cifar10, image folders), for non-ImageNet models."""
     from timm.data import create_dataset
     name, split, download = ctx.dataset
-    ds = create_dataset(name, root=root, split=split, download=download, input_img_mode=ctx.img_mode)
+    ds = create_dataset(name, root=root, split=split, download=download, input_img_mode=ctx.img_mode,
+                        class_map=ctx.class_map)
     ds.transform = ctx.transform
     return {'root': root, 'dataset': name, 'split': split, **ctx.evaluate(ds)}
 
