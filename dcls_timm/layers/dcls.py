@@ -127,7 +127,8 @@ class _DclsNd(nn.Module):
         self.groups = groups
         self.padding_mode = padding_mode
         self.version = version
-        self.padding, self._pad = self._resolve_padding(padding)
+        self.padding = padding if isinstance(padding, str) else _ntuple(self.ndim)(padding)
+        self._conv_padding, self._pad = self._resolve_padding(padding)
         self._shared_positions: Optional[Tuple[DclsPositions]] = None
 
         shape = (out_channels, in_channels // groups, kernel_count)
@@ -143,11 +144,13 @@ class _DclsNd(nn.Module):
             self.register_parameter('bias', None)
         self.reset_parameters()
 
-    def _resolve_padding(self, padding) -> Tuple[Union[str, Tuple[int, ...]], Optional[Tuple[int, ...]]]:
-        """Returns the padding as given (for repr) and the explicit ``F.pad`` amounts, or None if conv pads."""
+    def _resolve_padding(self, padding) -> Tuple[Tuple[int, ...], Optional[Tuple[int, ...]]]:
+        """The padding the convolution applies itself (explicit ints, which FLOP counters and exporters read) and
+        the ``F.pad`` amounts applied before it (asymmetric 'same' padding, or non-zero padding modes), or None."""
+        zeros = (0,) * self.ndim
         if isinstance(padding, str):
             if padding == 'valid':
-                return padding, None
+                return zeros, None
             if padding != 'same':
                 raise ValueError(f"padding must be an int, a tuple, 'valid' or 'same', got '{padding}'.")
             if any(s != 1 for s in self.stride):
@@ -159,11 +162,11 @@ class _DclsNd(nn.Module):
             if min(before) < 0:
                 raise ValueError(f'padding must be >= 0, got {padding}.')
         if before == after and self.padding_mode == 'zeros':
-            return padding if isinstance(padding, str) else tuple(before), None
+            return tuple(before), None
         pad = []
         for b, a in zip(reversed(before), reversed(after)):  # F.pad wants the last axis first
             pad += [b, a]
-        return padding if isinstance(padding, str) else tuple(before), tuple(pad)
+        return zeros, tuple(pad)
 
     def reset_parameters(self) -> None:
         """nn.Conv-style init of weight and bias (as the dcls package), normal(0, 0.5) positions, sigma 0.5."""
@@ -205,10 +208,9 @@ class _DclsNd(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.construct_kernel()
         conv = _CONV_FNS[self.ndim]
-        if self._pad is None:
-            return conv(x, kernel, self.bias, self.stride, self.padding, 1, self.groups)
-        mode = 'constant' if self.padding_mode == 'zeros' else self.padding_mode
-        return conv(F.pad(x, self._pad, mode=mode), kernel, self.bias, self.stride, 0, 1, self.groups)
+        if self._pad is not None:
+            x = F.pad(x, self._pad, mode='constant' if self.padding_mode == 'zeros' else self.padding_mode)
+        return conv(x, kernel, self.bias, self.stride, self._conv_padding, 1, self.groups)
 
     def extra_repr(self) -> str:
         s = (f'{self.in_channels}, {self.out_channels}, kernel_count={self.kernel_count}, '

@@ -9,13 +9,9 @@ __all__ = ['StemBlocksClassifier']
 
 
 class StemBlocksClassifier(nn.Module):
-    """``stem -> blocks -> norm -> head`` with timm's classifier methods; subclasses build the four modules."""
-
-    stem: nn.Module
-    blocks: nn.Sequential
-    norm: nn.Module
-    head: nn.Module
-    num_classes: int
+    """``stem -> blocks -> norm -> head`` with timm's classifier methods; subclasses build the four modules
+    (``stem``, ``blocks`` an ``nn.Sequential``, ``norm``, ``head`` a timm ``ClassifierHead``) and set
+    ``num_classes``."""
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -1,0 +1,95 @@
+"""Parameters and FLOPs of a model, counted as the DCLS papers do.
+
+    python -m dcls_timm.info convnext_tiny_dcls            # 28.59 M params, 4.98 GFLOPs (+0.07 G kernel construction)
+
+FLOPs are fvcore's (one per multiply-accumulate). A DCLS or continuous-kernel convolution counts as the dense
+convolution with its constructed kernel (the papers' convention); building the kernels (the DCLS interpolation
+matmuls, the MAGNet kernel networks) is reported apart.
+"""
+import argparse
+import json
+import logging
+import math
+from typing import Any, Dict, Sequence, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+
+__all__ = ['model_info', 'main']
+
+
+def _dcls_construction_flops(model: nn.Module) -> int:
+    from dcls_timm.layers.dcls import _DclsNd
+    total = 0
+    for m in model.modules():
+        if isinstance(m, _DclsNd):
+            # first = prof_0 [O, I, D0, K] @ rest [O, I, K, D1 * D2 ...]
+            o, i, k = m.weight.shape
+            total += o * i * k * math.prod(m.dilated_kernel_size) if m.ndim > 1 else 0
+    return total
+
+
+def model_info(model: nn.Module, input_size: Tuple[int, ...] = (3, 224, 224)) -> Dict[str, Any]:
+    """Parameter count and fvcore FLOPs of ``model`` on one ``input_size`` image.
+
+    Returns:
+        ``params``, ``gflops`` (paper convention: kernel construction excluded), ``gflops_kernel_construction``,
+        ``gflops_total`` (fvcore's whole count), ``gflops_by_operator`` and the operators fvcore skipped.
+    """
+    from fvcore.nn import FlopCountAnalysis
+    from dcls_timm.layers import continuous_convs
+    model = model.eval()
+    x = torch.randn(1, *input_size)
+    analysis = FlopCountAnalysis(model, x)
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    logging.getLogger('fvcore').setLevel(logging.ERROR)
+    total = analysis.total()
+    by_module = analysis.by_module()
+    names = {m: n for n, m in model.named_modules()}
+    construction = _dcls_construction_flops(model)
+    construction += sum(by_module.get(f'{names[m]}.kernel_net', 0) for m in continuous_convs(model))
+    return {
+        'params': sum(p.numel() for p in model.parameters()),
+        'input_size': list(input_size),
+        'gflops': (total - construction) / 1e9,
+        'gflops_kernel_construction': construction / 1e9,
+        'gflops_total': total / 1e9,
+        'gflops_by_operator': {k: v / 1e9 for k, v in analysis.by_operator().items()},
+        'skipped_operators': sorted(analysis.unsupported_ops()),
+    }
+
+
+def main(argv: Sequence[str] = None) -> Dict[str, Any]:
+    from timm.utils import ParseKwargs
+    import dcls_timm  # noqa: F401  (registers the models)
+    parser = argparse.ArgumentParser(prog='python -m dcls_timm.info', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('model')
+    parser.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
+                        help="default: the model's pretrained_cfg input size")
+    parser.add_argument('--num-classes', type=int, default=None)
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    parser.add_argument('--json', action='store_true', help='print JSON')
+    args = parser.parse_args(argv)
+    from dcls_timm.errors import check_model_name
+    check_model_name(args.model)
+    model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
+    input_size = tuple(args.input_size or model.pretrained_cfg['input_size'])
+    info = dict(model=args.model, **model_info(model, input_size))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"{args.model}: {info['params']:,} parameters, {info['gflops']:.3f} GFLOPs at "
+              f"{'x'.join(map(str, input_size))} (+{info['gflops_kernel_construction']:.3f} G kernel construction)")
+        for op, g in sorted(info['gflops_by_operator'].items(), key=lambda kv: -kv[1]):
+            print(f'  {op:<24}{g:9.3f} G')
+        if info['skipped_operators']:
+            print('  not counted (no multiply-accumulates): ' + ', '.join(info['skipped_operators']))
+    return info
+
+
+if __name__ == '__main__':
+    from dcls_timm.errors import run_cli
+    run_cli(main, 'python -m dcls_timm.info')
