@@ -30,6 +30,13 @@ def _dcls_construction_flops(model: nn.Module) -> int:
     return total
 
 
+def _depthwise_flops(inputs, outputs) -> int:
+    """fvcore handle for the fast depthwise conv (a custom autograd function): output elements x kernel taps."""
+    from fvcore.nn.jit_handles import get_shape
+    out, weight = get_shape(outputs[0]), get_shape(inputs[1])
+    return math.prod(out) * weight[-2] * weight[-1]
+
+
 def model_info(model: nn.Module, input_size: Tuple[int, ...] = (3, 224, 224)) -> Dict[str, Any]:
     """Parameter count and fvcore FLOPs of ``model`` on one ``input_size`` image.
 
@@ -38,14 +45,23 @@ def model_info(model: nn.Module, input_size: Tuple[int, ...] = (3, 224, 224)) ->
         ``gflops_total`` (fvcore's whole count), ``gflops_by_operator`` and the operators fvcore skipped.
     """
     from fvcore.nn import FlopCountAnalysis
-    from dcls_timm.layers import continuous_convs
+    from dcls_timm.layers import continuous_convs, dcls_layers
     model = model.eval()
     x = torch.randn(1, *input_size)
-    analysis = FlopCountAnalysis(model, x)
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    logging.getLogger('fvcore').setLevel(logging.ERROR)
-    total = analysis.total()
+    layers = list(dcls_layers(model))
+    saved = [layer.fast_path for layer in layers]
+    for layer in layers:  # count the dense convolution with the whole kernel, as the papers do
+        layer.fast_path = False
+    try:
+        analysis = FlopCountAnalysis(model, x)
+        analysis.set_op_handle('prim::PythonOp._DepthwiseConv2d', _depthwise_flops)
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        logging.getLogger('fvcore').setLevel(logging.ERROR)
+        total = analysis.total()
+    finally:
+        for layer, fast in zip(layers, saved):
+            layer.fast_path = fast
     by_module = analysis.by_module()
     names = {m: n for n, m in model.named_modules()}
     construction = _dcls_construction_flops(model)

@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""Time and memory of building all depthwise DCLS kernels of a ConvNeXt-dcls model, forward + backward.
+"""Time and memory of building all depthwise DCLS kernels of a ConvNeXt-dcls model, forward + backward; and with
+--conv, the large-kernel depthwise convolution itself on ConvNeXt-T's stage shapes.
 
 Compares the separable construction of dcls_timm with the dcls package's ConstructKernel2d on the same
-parameters (one training step's worth of kernel construction, no convolution).
+parameters (one training step's worth of kernel construction, no convolution), and the CPU fast depthwise path
+(channels-last forward and input gradient, FFT weight gradient, kernels cropped to the map) with F.conv2d.
 
     python scripts/benchmark_kernels.py --model convnext_tiny_dcls --repeats 5
+    python scripts/benchmark_kernels.py --conv --repeats 5
 """
 import argparse
 import json
@@ -76,6 +79,31 @@ def _saved_bytes(fn):
     return sum(storages.values())
 
 
+def _conv_table(repeats: int, batch: int = 8, kernel: int = 17) -> dict:
+    """Forward + backward of one depthwise conv per ConvNeXt-T stage shape, summed over the 18 blocks."""
+    import torch.nn.functional as F
+    from dcls_timm.layers.dcls import _crop_to_input
+    from dcls_timm.layers.fast_conv import depthwise_conv2d
+    rows, totals = [], {'F.conv2d': 0., 'fast path': 0.}
+    for channels, size, blocks in [(96, 56, 3), (192, 28, 3), (384, 14, 9), (768, 7, 3)]:
+        x = torch.randn(batch, channels, size, size, requires_grad=True)
+        w = torch.randn(channels, 1, kernel, kernel, requires_grad=True)
+        g = torch.randn(batch, channels, size, size)
+
+        def native():
+            F.conv2d(x, w, None, 1, kernel // 2, 1, channels).backward(g)
+
+        def fast():
+            k, pad = _crop_to_input(w, (kernel // 2, kernel // 2), (size, size))
+            depthwise_conv2d(x, k, None, pad).backward(g)
+        row = {'channels': channels, 'size': size}
+        for name, fn in [('F.conv2d', native), ('fast path', fast)]:
+            row[name] = statistics.median(_measure(fn, repeats))
+            totals[name] += blocks * row[name]
+        rows.append(row)
+    return {'rows': rows, 'total_18_blocks': totals, 'batch': batch, 'kernel': kernel}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='convnext_tiny_dcls')
@@ -83,9 +111,23 @@ def main():
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: leave the default)')
     parser.add_argument('--no-dcls', action='store_true', help='skip the dcls-package comparison')
     parser.add_argument('--json', default='', help='write the results to this JSON file')
+    parser.add_argument('--conv', action='store_true', help='benchmark the depthwise conv instead (ConvNeXt-T shapes)')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.conv:
+        table = _conv_table(args.repeats)
+        print(f"17x17 depthwise conv, forward + backward, batch {table['batch']}, {torch.get_num_threads()} threads, "
+              f'median of {args.repeats}')
+        print('| stage shape (C, H=W) | F.conv2d ms | fast path ms |\n|---|---|---|')
+        for r in table['rows']:
+            print(f"| {r['channels']}, {r['size']} | {1e3 * r['F.conv2d']:.0f} | {1e3 * r['fast path']:.0f} |")
+        t = table['total_18_blocks']
+        print(f"| sum over the 18 blocks | {1e3 * t['F.conv2d']:.0f} | {1e3 * t['fast path']:.0f} |")
+        if args.json:
+            with open(args.json, 'w') as f:
+                json.dump(table, f, indent=2)
+        return
     model = timm.create_model(args.model)
     params = _layer_params(model)
     rows = {'ours (separable)': lambda: _run_ours(params)}

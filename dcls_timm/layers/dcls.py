@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _ntuple
 
+from .fast_conv import depthwise_conv2d, use_fast_depthwise
 from .kernel import DCLS_VERSIONS, SIG_INIT, construct_kernel
 
 __all__ = [
@@ -26,6 +27,18 @@ __all__ = [
 
 _PADDING_MODES = ('zeros', 'reflect', 'replicate', 'circular')
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _crop_to_input(kernel: torch.Tensor, padding: Sequence[int], size: Sequence[int]):
+    """Drop the taps that only ever see zero padding: with centred padding, a kernel wider than ``2n - 1`` on an
+    ``n``-long axis reaches padding only beyond ``n - 1`` taps from its centre. Exact for values and gradients."""
+    padding = list(padding)
+    for axis, (n, p) in enumerate(zip(size, padding)):
+        d = kernel.shape[2 + axis]
+        if d == 2 * p + 1 and d > 2 * n - 1:
+            kernel = kernel.narrow(2 + axis, p - (n - 1), 2 * n - 1)
+            padding[axis] = n - 1
+    return kernel, tuple(padding)
 
 
 def _init_positions_(P: torch.Tensor, dilated_kernel_size: Sequence[int]) -> None:
@@ -130,6 +143,9 @@ class _DclsNd(nn.Module):
         self.padding = padding if isinstance(padding, str) else _ntuple(self.ndim)(padding)
         self._conv_padding, self._pad = self._resolve_padding(padding)
         self._shared_positions: Optional[Tuple[DclsPositions]] = None
+        # CPU fast path where it applies (channels-last depthwise conv, FFT weight gradient) and kernels cropped to
+        # the taps that can reach the input; False gives the plain dense convolution (e.g. for FLOP counting)
+        self.fast_path = True
 
         shape = (out_channels, in_channels // groups, kernel_count)
         self.weight = nn.Parameter(torch.empty(shape, **dd))
@@ -207,10 +223,14 @@ class _DclsNd(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.construct_kernel()
-        conv = _CONV_FNS[self.ndim]
+        padding = self._conv_padding
         if self._pad is not None:
             x = F.pad(x, self._pad, mode='constant' if self.padding_mode == 'zeros' else self.padding_mode)
-        return conv(x, kernel, self.bias, self.stride, self._conv_padding, 1, self.groups)
+        elif self.fast_path and not isinstance(x, torch.fx.Proxy):  # symbolic shapes under FX: the plain path
+            kernel, padding = _crop_to_input(kernel, padding, x.shape[2:])
+            if self.ndim == 2 and use_fast_depthwise(x, kernel, self.stride, self.groups):
+                return depthwise_conv2d(x, kernel, self.bias, padding)
+        return _CONV_FNS[self.ndim](x, kernel, self.bias, self.stride, padding, 1, self.groups)
 
     def extra_repr(self) -> str:
         s = (f'{self.in_channels}, {self.out_channels}, kernel_count={self.kernel_count}, '

@@ -1,0 +1,67 @@
+"""Large-kernel depthwise convolution with a cheaper weight gradient on CPU.
+
+On CPU, PyTorch's large-kernel depthwise convolution is ~25x faster on channels-last tensors than on contiguous
+ones, and its weight gradient costs many times the forward pass. Here the forward and the input gradient (a
+convolution with the flipped kernel) run channels-last, and the weight gradient is the cross-correlation of the
+padded input with the output gradient, computed through FFTs and summed over the batch in the frequency domain.
+Values and all gradients equal ``F.conv2d`` to float32 rounding.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['depthwise_conv2d', 'use_fast_depthwise']
+
+
+def use_fast_depthwise(x: torch.Tensor, weight: torch.Tensor, stride: Tuple[int, int], groups: int) -> bool:
+    """The fast path applies to CPU float32/64 depthwise 2-D convs with stride 1 and kernels of 7x7 or more."""
+    if x.device.type != 'cpu' or x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
+        return False
+    if x.dim() != 4 or tuple(stride) != (1, 1) or not (groups == x.shape[1] == weight.shape[0]) or weight.shape[1] != 1:
+        return False
+    return weight.shape[-2] * weight.shape[-1] >= 49
+
+
+def _fft_weight_grad(x_padded: torch.Tensor, grad_out: torch.Tensor, kernel_size: Tuple[int, int]) -> torch.Tensor:
+    hp, wp = x_padded.shape[-2:]
+    X = torch.fft.rfft2(x_padded, s=(hp, wp))
+    G = torch.fft.rfft2(grad_out, s=(hp, wp))
+    corr = torch.fft.irfft2((X * G.conj()).sum(0), s=(hp, wp))  # lag (i, j): sum_y g[y] x[y + i]
+    return corr[:, :kernel_size[0], :kernel_size[1]].unsqueeze(1)
+
+
+class _DepthwiseConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        ctx.has_bias = bias is not None
+        return F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, 1, padding, 1, x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        ph, pw = ctx.padding
+        kh, kw = weight.shape[-2:]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # a transposed stride-1 conv is a conv with the flipped kernel and the complementary padding
+            grad_x = F.conv2d(grad_out.contiguous(memory_format=torch.channels_last), weight.flip(-2, -1), None, 1,
+                              (kh - 1 - ph, kw - 1 - pw), 1, x.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_w = _fft_weight_grad(F.pad(x.contiguous(), (pw, pw, ph, ph)), grad_out.contiguous(), (kh, kw))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     padding: Tuple[int, int]) -> torch.Tensor:
+    """Stride-1 depthwise ``F.conv2d`` with symmetric zero ``padding``: channels-last forward and input gradient,
+    FFT weight gradient. The output is channels-last."""
+    if any(p > k - 1 for p, k in zip(padding, weight.shape[-2:])):
+        raise ValueError('padding must be at most kernel_size - 1.')
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
+        return F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, 1, padding, 1, x.shape[1])
+    return _DepthwiseConv2d.apply(x, weight, bias, tuple(padding))
