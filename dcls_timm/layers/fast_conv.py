@@ -1,6 +1,6 @@
 """Large-kernel depthwise convolution with a cheaper weight gradient on CPU.
 
-On CPU, PyTorch's large-kernel depthwise convolution is ~25x faster on channels-last tensors than on contiguous
+On CPU, PyTorch's large-kernel depthwise convolution is far faster on channels-last tensors than on contiguous
 ones, and its weight gradient costs many times the forward pass. Here the forward and the input gradient (a
 convolution with the flipped kernel) run channels-last, and the weight gradient is the cross-correlation of the
 padded input with the output gradient, computed through FFTs and summed over the batch in the frequency domain.

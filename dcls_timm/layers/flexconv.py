@@ -23,6 +23,7 @@ MASK_THRESHOLD = 0.1
 _MASK_RADIUS = math.sqrt(-2 * math.log(MASK_THRESHOLD))  # |x - mu| <= sigma * 2.146 where the mask exceeds 0.1
 _SIGMA_EPS = 1e-4
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_FNS_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 def fft_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -205,7 +206,6 @@ class SeparableFlexConv(nn.Module):
         return self.pointwise(self.depthwise(x))
 
 
-_CONV_FNS_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 # The cropped kernel size is host-side data: FX cannot trace through it, so the layers are leaves for timm's FX
 # feature extraction.
