@@ -37,6 +37,12 @@ def _depthwise_flops(inputs, outputs) -> int:
     return math.prod(out) * weight[-2] * weight[-1]
 
 
+def _separable_kernel_flops(inputs, outputs) -> int:
+    """fvcore handle for the 2-D DCLS kernel construction (a custom autograd function): its matmul."""
+    from fvcore.nn.jit_handles import get_shape
+    return math.prod(get_shape(outputs[0])) * get_shape(inputs[0])[-1]
+
+
 def model_info(model: nn.Module, input_size: Tuple[int, ...] = (3, 224, 224)) -> Dict[str, Any]:
     """Parameter count and fvcore FLOPs of ``model`` on one ``input_size`` image.
 
@@ -54,7 +60,8 @@ def model_info(model: nn.Module, input_size: Tuple[int, ...] = (3, 224, 224)) ->
         layer.fast_path = False
     try:
         analysis = FlopCountAnalysis(model, x)
-        analysis.set_op_handle('prim::PythonOp._DepthwiseConv2d', _depthwise_flops)
+        analysis.set_op_handle('prim::PythonOp._DepthwiseConv2d', _depthwise_flops,
+                               'prim::PythonOp._SeparableKernel2d', _separable_kernel_flops)
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)
         logging.getLogger('fvcore').setLevel(logging.ERROR)

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dcls_timm.layers import Dcls2d
+from dcls_timm.layers import Dcls2d, construct_kernel
+from dcls_timm.layers.kernel import position_window
 from dcls_timm.layers.fast_conv import depthwise_conv2d, use_fast_depthwise
 
 
@@ -27,7 +28,20 @@ def test_values_and_gradients_equal_conv2d(channels, size, k, pad, layout):
                  g := torch.randn(2, channels, size + 2 * pad - k + 1, size + 1 + 2 * pad - k + 1))
     fast = _grads(lambda x, w, b: depthwise_conv2d(x, w, b, (pad, pad)), x, w, b, g)
     for a, r in zip(fast, ref):
-        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+        # relative to the tensor's scale: FFT rounding error is spread evenly over the entries
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
+
+
+@pytest.mark.parametrize('kernel, pad', [((9, 5), (2, 4)), ((7, 13), (0, 6)), ((15, 4), (7, 1))])
+def test_rectangular_kernels_and_uneven_padding(kernel, pad):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 3, 10, 13), torch.randn(3, 1, *kernel), torch.randn(3)
+    out_size = [n + 2 * p - k + 1 for n, k, p in zip(x.shape[2:], kernel, pad)]
+    g = torch.randn(2, 3, *out_size)
+    ref = _grads(lambda x, w, b: F.conv2d(x, w, b, padding=pad, groups=3), x, w, b, g)
+    fast = _grads(lambda x, w, b: depthwise_conv2d(x, w, b, pad), x, w, b, g)
+    for a, r in zip(fast, ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
 
 
 def test_float64_gradcheck():
@@ -48,13 +62,25 @@ def test_dispatch():
         depthwise_conv2d(x, w, None, (9, 9))
 
 
+def _positions(kind: str, P: torch.Tensor) -> torch.Tensor:
+    if kind == 'spread':  # the whole grid, as after training
+        return P.uniform_(-8, 8)
+    if kind == 'narrow':  # near the centre and off it, as at init
+        return P.uniform_(-1.7, 2.4)
+    return P.uniform_(-5, 3).round_()  # integers, some on the window's edge: their gradient needs the next tap
+
+
+@pytest.mark.parametrize('version', ['v0', 'v1', 'gauss'])
+@pytest.mark.parametrize('positions', ['spread', 'narrow', 'integer'])
 @pytest.mark.parametrize('size', [3, 5, 12])
-def test_dcls_layer_fast_path_and_cropping_are_exact(size):
+def test_dcls_layer_fast_path_and_cropping_are_exact(size, positions, version):
+    """Kernels cropped to the taps the positions span and the input reaches, and the fast conv, against the
+    dense convolution with the whole kernel: values and every gradient."""
     torch.manual_seed(0)
-    layer = Dcls2d(6, 6, kernel_count=8, dilated_kernel_size=17, padding='same', groups=6, version='v0')
+    layer = Dcls2d(6, 6, kernel_count=8, dilated_kernel_size=17, padding='same', groups=6, version=version)
     with torch.no_grad():
-        layer.P.uniform_(-8, 8)
-    x = torch.randn(2, 6, size, size)
+        _positions(positions, layer.P)
+    x = torch.randn(2, 6, size, size + 1)
 
     def run(fast):
         layer.fast_path = fast
@@ -62,9 +88,54 @@ def test_dcls_layer_fast_path_and_cropping_are_exact(size):
         xx = x.clone().requires_grad_()
         out = layer(xx) if fast else F.conv2d(xx, layer.construct_kernel(), layer.bias, padding=8, groups=6)
         out.square().sum().backward()
-        return out.detach(), xx.grad, layer.weight.grad.clone(), layer.P.grad.clone(), layer.bias.grad.clone()
+        grads = [layer.weight.grad, layer.P.grad, layer.bias.grad] + ([layer.SIG.grad] if version == 'gauss' else [])
+        return [out.detach(), xx.grad] + [g.clone() for g in grads]
     for a, r in zip(run(True), run(False)):
-        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+        # relative to the tensor's scale: FFT rounding error is spread evenly over the entries
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
+
+
+def test_kernel_window_is_the_restriction_of_the_whole_kernel():
+    torch.manual_seed(0)
+    w, P = torch.randn(3, 1, 5), torch.randn(2, 3, 1, 5).clamp(-3, 3)
+    full = construct_kernel(w, P, None, (9, 11), 'v0')
+    window = position_window(P, (9, 11), 'v0')
+    part = construct_kernel(w, P, None, (9, 11), 'v0', window)
+    (r0, r1), (c0, c1) = window
+    torch.testing.assert_close(part, full[..., r0:r1, c0:c1], rtol=1e-6, atol=1e-7)
+    outside = full.clone()
+    outside[..., r0:r1, c0:c1] = 0
+    assert outside.abs().max() == 0  # nothing is lost outside the window
+    assert position_window(P, (9, 11), 'gauss') is None
+    with pytest.raises(ValueError, match='gauss'):
+        construct_kernel(w, P, torch.ones_like(P), (9, 11), 'gauss', window)
+    with pytest.raises(ValueError, match='window'):
+        construct_kernel(w, P, None, (9, 11), 'v0', [(0, 10), (0, 11)])
+    assert position_window(torch.full_like(P, float('nan')), (9, 11), 'v0') is None
+
+
+def test_kernel_reused_without_grad_until_a_parameter_changes():
+    torch.manual_seed(0)
+    layer = Dcls2d(4, 4, kernel_count=6, dilated_kernel_size=11, padding='same', groups=4, version='v0')
+    x = torch.randn(1, 4, 12, 12)
+    with torch.no_grad():
+        kernel = layer._cropped_kernel(x.shape[2:])[0]
+        assert layer._cropped_kernel(x.shape[2:])[0] is kernel
+        assert layer._cropped_kernel((5, 5))[0] is not kernel  # another input size crops differently
+        layer.weight.mul_(2)
+        out = layer(x)
+    expected = F.conv2d(x, layer.construct_kernel(), layer.bias, padding=5, groups=4)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        layer(x)
+    layer.load_state_dict({k: v + 1 for k, v in layer.state_dict().items()})
+    with torch.no_grad():
+        out = layer(x)
+    torch.testing.assert_close(out, F.conv2d(x, layer.construct_kernel(), layer.bias, padding=5, groups=4),
+                               rtol=1e-5, atol=1e-5)
+    out = layer(x)  # with grad: built afresh, so gradients reach the parameters
+    out.sum().backward()
+    assert layer.weight.grad is not None and layer.P.grad.abs().sum() > 0
 
 
 def test_bf16_autocast_uses_the_native_path_within_tolerance():

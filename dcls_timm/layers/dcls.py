@@ -10,6 +10,7 @@ Several layers can share one position tensor through :func:`share_positions`, wh
 to optimizers, EMA and state dicts.
 """
 import math
+import weakref
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _ntuple
 
 from .fast_conv import depthwise_conv2d, use_fast_depthwise
-from .kernel import DCLS_VERSIONS, SIG_INIT, construct_kernel
+from .kernel import DCLS_VERSIONS, SIG_INIT, construct_kernel, position_window
 
 __all__ = [
     'Dcls1d', 'Dcls2d', 'Dcls3d', 'DclsPositions', 'share_positions', 'clamp_positions_', 'dcls_layers',
@@ -27,18 +28,6 @@ __all__ = [
 
 _PADDING_MODES = ('zeros', 'reflect', 'replicate', 'circular')
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def _crop_to_input(kernel: torch.Tensor, padding: Sequence[int], size: Sequence[int]):
-    """Drop the taps that only ever see zero padding: with centred padding, a kernel wider than ``2n - 1`` on an
-    ``n``-long axis reaches padding only beyond ``n - 1`` taps from its centre. Exact for values and gradients."""
-    padding = list(padding)
-    for axis, (n, p) in enumerate(zip(size, padding)):
-        d = kernel.shape[2 + axis]
-        if d == 2 * p + 1 and d > 2 * n - 1:
-            kernel = kernel.narrow(2 + axis, p - (n - 1), 2 * n - 1)
-            padding[axis] = n - 1
-    return kernel, tuple(padding)
 
 
 def _init_positions_(P: torch.Tensor, dilated_kernel_size: Sequence[int]) -> None:
@@ -143,9 +132,11 @@ class _DclsNd(nn.Module):
         self.padding = padding if isinstance(padding, str) else _ntuple(self.ndim)(padding)
         self._conv_padding, self._pad = self._resolve_padding(padding)
         self._shared_positions: Optional[Tuple[DclsPositions]] = None
-        # CPU fast path where it applies (channels-last depthwise conv, FFT weight gradient) and kernels cropped to
-        # the taps that can reach the input; False gives the plain dense convolution (e.g. for FLOP counting)
+        # Kernels cropped to the taps the positions reach and the input can see, the CPU fast depthwise conv where
+        # it applies (channels-last, FFT weight gradient), kernels reused while no parameter changes and no
+        # gradient is needed. False: the plain dense convolution (e.g. for FLOP counting).
         self.fast_path = True
+        self._kernel_cache = None
 
         shape = (out_channels, in_channels // groups, kernel_count)
         self.weight = nn.Parameter(torch.empty(shape, **dd))
@@ -221,15 +212,54 @@ class _DclsNd(nn.Module):
         owner = self.positions_owner()
         return construct_kernel(self.weight, owner.P, owner.SIG, self.dilated_kernel_size, self.version)
 
+    def _cropped_kernel(self, size: Sequence[int]) -> Tuple[torch.Tensor, Tuple[int, ...]]:
+        """The kernel and the (centred) padding to convolve with, every axis with centred padding cropped to the
+        taps that are non-zero (``v0``/``v1``: the window the positions span) and that can reach an ``n``-long
+        input (``2n - 1`` taps). Exact for values and gradients."""
+        owner = self.positions_owner()
+        tensors = [t for t in (self.weight, owner.P, owner.SIG) if t is not None]
+        dynamic = not (torch.jit.is_tracing() or torch.compiler.is_compiling())  # host reads and Python state
+        key = None
+        if dynamic and not torch.is_grad_enabled():
+            key = (tuple(size), [(weakref.ref(t), t._version, t.data_ptr()) for t in tensors])
+            cached = self._kernel_cache
+            if cached is not None and cached[0][0] == key[0] and all(
+                    r() is t and v == t._version and p == t.data_ptr() for (r, v, p), t in zip(cached[0][1], tensors)):
+                return cached[1]
+        support = position_window(owner.P, self.dilated_kernel_size, self.version) if dynamic else None
+        window, reach, padding = [], [], []
+        for axis, (d, p, n) in enumerate(zip(self.dilated_kernel_size, self._conv_padding, size)):
+            if d != 2 * p + 1:  # not centred: nothing to crop
+                window.append((0, d)), reach.append(None), padding.append(p)
+                continue
+            r = p if support is None else min(p, max(p - support[axis][0], support[axis][1] - 1 - p))
+            if self.version == 'v0':  # no normalisation: build only what the input reaches
+                r = min(r, n - 1)
+            window.append((p - r, p + r + 1))
+            reach.append(min(r, n - 1))
+            padding.append(reach[-1])
+        full = all(w == (0, d) for w, d in zip(window, self.dilated_kernel_size))
+        kernel = construct_kernel(self.weight, owner.P, owner.SIG, self.dilated_kernel_size, self.version,
+                                  None if full else window)
+        for axis, ((start, stop), r) in enumerate(zip(window, reach)):
+            if r is not None and 2 * r + 1 < stop - start:  # v1/gauss normalise over the window: crop after
+                kernel = kernel.narrow(2 + axis, (stop - start) // 2 - r, 2 * r + 1)
+        result = kernel, tuple(padding)
+        if key is not None:
+            self._kernel_cache = (key, result)
+        return result
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.construct_kernel()
         padding = self._conv_padding
         if self._pad is not None:
             x = F.pad(x, self._pad, mode='constant' if self.padding_mode == 'zeros' else self.padding_mode)
+            kernel = self.construct_kernel()
         elif self.fast_path and not isinstance(x, torch.fx.Proxy):  # symbolic shapes under FX: the plain path
-            kernel, padding = _crop_to_input(kernel, padding, x.shape[2:])
+            kernel, padding = self._cropped_kernel(x.shape[2:])
             if self.ndim == 2 and use_fast_depthwise(x, kernel, self.stride, self.groups):
                 return depthwise_conv2d(x, kernel, self.bias, padding)
+        else:
+            kernel = self.construct_kernel()
         return _CONV_FNS[self.ndim](x, kernel, self.bias, self.stride, padding, 1, self.groups)
 
     def extra_repr(self) -> str:

@@ -23,12 +23,32 @@ def use_fast_depthwise(x: torch.Tensor, weight: torch.Tensor, stride: Tuple[int,
     return weight.shape[-2] * weight.shape[-1] >= 49
 
 
-def _fft_weight_grad(x_padded: torch.Tensor, grad_out: torch.Tensor, kernel_size: Tuple[int, int]) -> torch.Tensor:
-    hp, wp = x_padded.shape[-2:]
-    X = torch.fft.rfft2(x_padded, s=(hp, wp))
-    G = torch.fft.rfft2(grad_out, s=(hp, wp))
-    corr = torch.fft.irfft2((X * G.conj()).sum(0), s=(hp, wp))  # lag (i, j): sum_y g[y] x[y + i]
-    return corr[:, :kernel_size[0], :kernel_size[1]].unsqueeze(1)
+def _fft_size(n: int) -> int:
+    """Smallest size >= n with only the factors 2, 3 and 5: FFTs of prime lengths are several times slower."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+def _fft_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: Tuple[int, int],
+                     padding: Tuple[int, int]) -> torch.Tensor:
+    """``grad_w[c, i, j] = sum_{b, y, x} g[b, c, y, x] * x_padded[b, c, y + i, x + j]``: a circular
+    cross-correlation of the unpadded input with the output gradient at lags ``i - padding``, summed over the batch
+    in frequency space. The FFT only needs to be long enough that no wanted lag aliases with another."""
+    sizes, lags = [], []
+    for n, k, p in zip(x.shape[-2:], kernel_size, padding):
+        size = _fft_size(n + max(p, k - 1 - p))
+        sizes.append(size)
+        lags.append((torch.arange(k, device=x.device) - p) % size)
+    X = torch.fft.rfft2(x.contiguous(), s=sizes)
+    G = torch.fft.rfft2(grad_out.contiguous(), s=sizes)
+    corr = torch.fft.irfft2((X * G.conj()).sum(0), s=sizes)
+    return corr[:, lags[0]][:, :, lags[1]].unsqueeze(1)
 
 
 class _DepthwiseConv2d(torch.autograd.Function):
@@ -50,7 +70,7 @@ class _DepthwiseConv2d(torch.autograd.Function):
             grad_x = F.conv2d(grad_out.contiguous(memory_format=torch.channels_last), weight.flip(-2, -1), None, 1,
                               (kh - 1 - ph, kw - 1 - pw), 1, x.shape[1])
         if ctx.needs_input_grad[1]:
-            grad_w = _fft_weight_grad(F.pad(x.contiguous(), (pw, pw, ph, ph)), grad_out.contiguous(), (kh, kw))
+            grad_w = _fft_weight_grad(x, grad_out, (kh, kw), (ph, pw))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None
