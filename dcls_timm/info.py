@@ -24,9 +24,9 @@ def _dcls_construction_flops(model: nn.Module) -> int:
     total = 0
     for m in model.modules():
         if isinstance(m, _DclsNd):
-            # first = prof_0 [O, I, D0, K] @ rest [O, I, K, D1 * D2 ...]
+            # 3-D: first = prof_0 [O, I, D0, K] @ rest [O, I, K, D1 * D2]; 2-D: counted by the handles below
             o, i, k = m.weight.shape
-            total += o * i * k * math.prod(m.dilated_kernel_size) if m.ndim > 1 else 0
+            total += o * i * k * math.prod(m.dilated_kernel_size) if m.ndim > 2 else 0
     return total
 
 
@@ -37,10 +37,16 @@ def _depthwise_flops(inputs, outputs) -> int:
     return math.prod(out) * weight[-2] * weight[-1]
 
 
-def _separable_kernel_flops(inputs, outputs) -> int:
-    """fvcore handle for the 2-D DCLS kernel construction (a custom autograd function): its matmul."""
+def _gauss_kernel_flops(inputs, outputs) -> int:
+    """fvcore handle for the 2-D Gaussian kernel construction (a custom autograd function): its matmul."""
     from fvcore.nn.jit_handles import get_shape
     return math.prod(get_shape(outputs[0])) * get_shape(inputs[0])[-1]
+
+
+def _bilinear_kernel_flops(inputs, outputs) -> int:
+    """fvcore handle for the 2-D bilinear kernel construction: 4 weighted taps per element."""
+    from fvcore.nn.jit_handles import get_shape
+    return 4 * math.prod(get_shape(inputs[0]))
 
 
 def model_info(model: nn.Module, input_size: Tuple[int, ...] = (3, 224, 224)) -> Dict[str, Any]:
@@ -61,7 +67,8 @@ def model_info(model: nn.Module, input_size: Tuple[int, ...] = (3, 224, 224)) ->
     try:
         analysis = FlopCountAnalysis(model, x)
         analysis.set_op_handle('prim::PythonOp._DepthwiseConv2d', _depthwise_flops,
-                               'prim::PythonOp._SeparableKernel2d', _separable_kernel_flops)
+                               'prim::PythonOp._GaussKernel2d', _gauss_kernel_flops,
+                               'prim::PythonOp._BilinearKernel2d', _bilinear_kernel_flops)
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)
         logging.getLogger('fvcore').setLevel(logging.ERROR)
@@ -71,7 +78,9 @@ def model_info(model: nn.Module, input_size: Tuple[int, ...] = (3, 224, 224)) ->
             layer.fast_path = fast
     by_module = analysis.by_module()
     names = {m: n for n, m in model.named_modules()}
-    construction = _dcls_construction_flops(model)
+    by_operator = analysis.by_operator()
+    construction = _dcls_construction_flops(model) + sum(
+        by_operator.get(f'PythonOp.{fn}', 0) for fn in ('_BilinearKernel2d', '_GaussKernel2d'))
     construction += sum(by_module.get(f'{names[m]}.kernel_net', 0) for m in continuous_convs(model))
     return {
         'params': sum(p.numel() for p in model.parameters()),
@@ -79,7 +88,7 @@ def model_info(model: nn.Module, input_size: Tuple[int, ...] = (3, 224, 224)) ->
         'gflops': (total - construction) / 1e9,
         'gflops_kernel_construction': construction / 1e9,
         'gflops_total': total / 1e9,
-        'gflops_by_operator': {k: v / 1e9 for k, v in analysis.by_operator().items()},
+        'gflops_by_operator': {k: v / 1e9 for k, v in by_operator.items()},
         'skipped_operators': sorted(analysis.unsupported_ops()),
     }
 

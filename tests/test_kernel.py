@@ -81,6 +81,34 @@ def test_gradcheck(ndim, version):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize('version', ['v0', 'v1'])
+def test_windowed_construction_gradcheck_and_gradients_equal_the_whole_kernel(version):
+    """The 2-D scatter construction on the window the positions span: gradcheck, and with some positions exactly on
+    taps (the highest on the window's edge, where v0's gradient needs the tap beyond), the same gradients as the
+    whole kernel."""
+    from dcls_timm.layers.kernel import position_window
+    weight = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    P = (torch.rand(2, 3, 2, 4, dtype=torch.float64) - 0.5).mul(4.4).requires_grad_()
+
+    def fn(w, p, window):
+        return construct_kernel(w, p, None, (9, 7), version, window)
+    window = position_window(P, (9, 7), version)
+    assert window != [(0, 9), (0, 7)]
+    assert torch.autograd.gradcheck(lambda w, p: fn(w, p, window), (weight, P))
+
+    with torch.no_grad():
+        P[:, 0, 0, :2] = P[:, 0, 0, :2].round()
+        P[:, 1, 1, 0] = P.max().ceil()
+    window = position_window(P, (9, 7), version)
+    (r0, r1), (c0, c1) = window
+    g = torch.randn(3, 2, 9, 7, dtype=torch.float64)
+    part = torch.autograd.grad((fn(weight, P, window) * g[..., r0:r1, c0:c1]).sum(), (weight, P))
+    full = torch.autograd.grad((fn(weight, P, None) * g).sum(), (weight, P))
+    for a, b in zip(part, full):
+        torch.testing.assert_close(a, b)
+    assert part[1].abs().sum() > 0
+
+
 @pytest.mark.parametrize('version', ['v0', 'v1', 'gauss'])
 @pytest.mark.parametrize('sizes, position', [
     ((5, 8), (1, -3)), ((6, 9), (-2, 4)), ((4, 4), (1, -2)), ((3, 6, 5), (1, -2, 2)), ((11,), (-4,)),

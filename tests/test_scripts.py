@@ -29,3 +29,45 @@ def test_benchmark_conv_table_runs(tmp_path):
     table = json.loads(out.read_text())
     assert [r['size'] for r in table['rows']] == [56, 28, 14, 7]
     assert '| sum over the 18 blocks |' in proc.stdout
+
+
+def _benchmark(tmp_path, *args, timeout=600):
+    out, md = tmp_path / 'bench.json', tmp_path / 'bench.md'
+    proc = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--img-size', '32',
+                           '--batch-size', '2', '--repeats', '1', '--warmup', '0', '--json', str(out),
+                           '--markdown', str(md), *args], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), md.read_text()
+
+
+def test_benchmark_runs_end_to_end(tmp_path):
+    result, md = _benchmark(tmp_path, '--pairs', 'convnext_atto_dcls:convnext_atto,'
+                            'dcls-package:convnext_atto:convnext_atto', '--kernel-model', 'convnext_atto_dcls')
+    assert {'cpu', 'torch', 'timm', 'torch_threads', 'date'} <= set(result['machine'])
+    rows = {(r['model'], r['mode'], r['positions']) for r in result['speed']}
+    assert rows == {(m, mode, pos) for m in ('convnext_atto_dcls', 'dcls-package:convnext_atto')
+                    for mode in ('train', 'infer') for pos in ('init', 'spread')}
+    for r in result['speed']:
+        assert r['run'] == 'eager' and r['baseline'] == 'convnext_atto'
+        assert r['model_stats']['n'] == 1 and r['model_stats']['median_s'] > 0
+        assert r['ratio'] == r['baseline_stats']['median_s'] / r['model_stats']['median_s']
+    assert len(result['memory']) == 4
+    assert all(r['model_bytes'] > 0 and r['baseline_bytes'] > 0 for r in result['memory'])
+    k = result['kernel_construction']
+    assert k['layers'] == 12 and 0 < k['time_ratio'] and 0 < k['memory_ratio'] < 1
+    assert '| convnext_atto_dcls | convnext_atto | train | eager | init |' in md
+    assert 'dcls 0.1.1 ConstructKernel2d' in md and 'Command: `python scripts/benchmark.py' in md
+
+
+def test_benchmark_compiled_inference(tmp_path):
+    result, md = _benchmark(tmp_path, '--pairs', '', '--compile-pairs', 'convnext_atto_dcls:convnext_atto',
+                            '--modes', 'infer', '--positions', 'init', '--no-memory', '--kernel-model', '')
+    (row,) = result['speed']
+    assert row['run'] == 'compile' and row['ratio'] > 0
+    assert '| convnext_atto_dcls | convnext_atto | infer | compile | init |' in md
+
+
+def test_benchmark_rejects_unknown_models():
+    proc = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--pairs', 'convnext_tiny_dclz:x'],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "unknown model 'convnext_tiny_dclz'" in proc.stderr

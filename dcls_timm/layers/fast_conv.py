@@ -46,8 +46,8 @@ def _fft_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: Tuple
         sizes.append(size)
         lags.append((torch.arange(k, device=x.device) - p) % size)
     X = torch.fft.rfft2(x.contiguous(), s=sizes)
-    G = torch.fft.rfft2(grad_out.contiguous(), s=sizes)
-    corr = torch.fft.irfft2((X * G.conj()).sum(0), s=sizes)
+    X.mul_(torch.fft.rfft2(grad_out.contiguous(), s=sizes).conj_physical_())  # in place: no third spectrum
+    corr = torch.fft.irfft2(X.sum(0), s=sizes)
     return corr[:, lags[0]][:, :, lags[1]].unsqueeze(1)
 
 

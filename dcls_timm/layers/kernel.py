@@ -1,10 +1,12 @@
-"""Separable construction of dense DCLS kernels.
+"""Construction of dense DCLS kernels.
 
 Every DCLS interpolation is a product of 1-D profiles, one per spatial axis, so the dense kernel of each filter is
-``sum_k w_k * prof_0[:, k] (x) prof_1[:, k] (x) ...``. Building it as a batched matmul of the 1-D profiles needs
+``sum_k w_k * prof_0[:, k] (x) prof_1[:, k] (x) ...``. Built as a batched matmul of the 1-D profiles it needs
 ``O(C_out * C_in/g * K * sum(D))`` memory instead of the ``prod(D) * K`` per filter that a direct construction
-materialises. In 2-D (every model here) the backward pass is written out by hand and recomputes the profiles from
-the parameters, so nothing larger than the parameters is kept for it.
+materialises. In 2-D (every model here) the bilinear versions go further: an element touches 4 taps, so the kernel
+is a scatter of ``4 K`` values per filter, whatever the grid size; the Gaussian one is the matmul. Both 2-D paths
+have hand-written backward passes that recompute what they need from the parameters, so nothing larger than the
+parameters is kept for backward.
 
 A ``window`` restricts the construction to a sub-grid: with ``v0``/``v1`` an element only touches (and only gets
 gradient from) the two taps around it per axis, so every tap outside the window spanned by the positions is exactly
@@ -68,72 +70,124 @@ def interpolation_profiles(
     return profiles
 
 
-def _profile_grads(P: torch.Tensor, SIG: Optional[torch.Tensor], size: int, start: int, stop: int, version: str,
-                   prof: torch.Tensor, grad_prof: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Gradient of one axis' profiles ``[O, I, D, K]`` w.r.t. that axis' positions (and widths), what autograd
-    gives for :func:`interpolation_profiles`."""
-    p = P.unsqueeze(-2) + (size // 2)
-    grid = torch.arange(start, stop, device=P.device, dtype=P.dtype).unsqueeze(-1)
-    if version == 'v0':
-        offset = grid - p.floor()
-        dprof_dp = (offset == 1).to(P.dtype) - (offset == 0).to(P.dtype)
-        return (grad_prof * dprof_dp).sum(-2), None
-    if version == 'v1':
-        return (grad_prof * ((grid - p).sign() * (prof > 0))).sum(-2), None
+def _gauss_profile_grads(P: torch.Tensor, SIG: torch.Tensor, size: int, prof: torch.Tensor,
+                         grad_prof: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of one axis' Gaussian profiles ``[O, I, D, K]`` w.r.t. that axis' positions and widths."""
+    grid = torch.arange(size, device=P.device, dtype=P.dtype).unsqueeze(-1)
     sig = SIG.unsqueeze(-2)
     s = sig.abs() + SIG_OFFSET
-    t = (grid - p) / s
+    t = (grid - P.unsqueeze(-2) - size // 2) / s
     g_t = grad_prof * prof * t / s  # d prof / d p = prof * t / s
     return g_t.sum(-2), ((g_t * t).sum(-2, keepdim=True) * sig.sign()).squeeze(-2)
 
 
-class _SeparableKernel2d(torch.autograd.Function):
-    """``kernel[o, i] = sum_k w'_k a_k (x) b_k`` with ``a``/``b`` the row/column profiles; the backward recomputes
-    the profiles instead of saving them."""
+class _GaussKernel2d(torch.autograd.Function):
+    """``kernel[o, i] = sum_k w'_k a_k (x) b_k`` with ``a``/``b`` the row/column Gaussian profiles, as one batched
+    matmul; the backward recomputes the profiles instead of saving them."""
 
     @staticmethod
-    def forward(ctx, weight, P, SIG, sizes, version, window):
-        a, b = interpolation_profiles(P, SIG, sizes, version, window)
-        scaled = weight if version == 'v0' else weight / (a.sum(-2) * b.sum(-2) + _NORM_EPS)
+    def forward(ctx, weight, P, SIG, sizes):
+        a, b = interpolation_profiles(P, SIG, sizes, 'gauss')
+        scaled = weight / (a.sum(-2) * b.sum(-2) + _NORM_EPS)
         ctx.save_for_backward(weight, P, SIG)
-        ctx.sizes, ctx.version, ctx.window = sizes, version, window
+        ctx.sizes = sizes
         return torch.matmul(a * scaled.unsqueeze(-2), b.transpose(-1, -2))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         weight, P, SIG = ctx.saved_tensors
-        sizes, version, window = ctx.sizes, ctx.version, ctx.window
         grad = grad.to(weight.dtype)  # under autocast the kernel (so its gradient) may be in lower precision
-        a, b = interpolation_profiles(P, SIG, sizes, version, window)
-        if version == 'v0':
-            scaled = weight
-        else:
-            sum_a, sum_b = a.sum(-2), b.sum(-2)
-            inv_mass = 1. / (sum_a * sum_b + _NORM_EPS)
-            scaled = weight * inv_mass
+        a, b = interpolation_profiles(P, SIG, ctx.sizes, 'gauss')
+        sum_a, sum_b = a.sum(-2), b.sum(-2)
+        inv_mass = 1. / (sum_a * sum_b + _NORM_EPS)
+        scaled = weight * inv_mass
         grad_first = torch.matmul(grad, b)  # [O, I, D0, K]
         grad_b = torch.matmul(grad.transpose(-1, -2), a * scaled.unsqueeze(-2))  # [O, I, D1, K]
         grad_scaled = (grad_first * a).sum(-2)
-        grad_a = grad_first * scaled.unsqueeze(-2)
-        if version == 'v0':
-            grad_weight = grad_scaled
+        grad_mass = -grad_scaled * weight * inv_mass * inv_mass
+        grad_a = grad_first * scaled.unsqueeze(-2) + (grad_mass * sum_b).unsqueeze(-2)
+        grad_b = grad_b + (grad_mass * sum_a).unsqueeze(-2)
+        grads = [_gauss_profile_grads(P[axis], SIG[axis], ctx.sizes[axis], prof, g)
+                 for axis, (prof, g) in enumerate(((a, grad_a), (b, grad_b)))]
+        return (grad_scaled * inv_mass, torch.stack([g[0] for g in grads]), torch.stack([g[1] for g in grads]),
+                None)
+
+
+def _bilinear_taps(P: torch.Tensor, sizes: Sequence[int], window: Sequence[Tuple[int, int]], version: str):
+    """Per axis, the lower of the two taps around every element (index within the window), the two interpolation
+    weights ``1 - frac`` and ``frac`` zeroed off the window, and their derivatives w.r.t. the position."""
+    taps = []
+    for axis, (size, (start, stop)) in enumerate(zip(sizes, window)):
+        p = P[axis] + size // 2
+        lower = p.floor()
+        frac = p - lower
+        index = lower.long() - start
+        inside = [((index + j >= 0) & (index + j < stop - start)).to(P.dtype) for j in (0, 1)]
+        values = [(1. - frac) * inside[0], frac * inside[1]]
+        if version == 'v0':  # (1 - frac, frac): -1 and +1, also at integer positions (as the dcls package)
+            slopes = [-inside[0], inside[1]]
+        else:  # relu(1 - |i - p|): autograd's subgradient is 0 at integer positions
+            moving = (frac > 0).to(P.dtype)
+            slopes = [-moving * inside[0], moving * inside[1]]
+        taps.append((index, stop - start, values, slopes))
+    return taps
+
+
+def _flat_tap_index(taps, batch: int) -> torch.Tensor:
+    """Flat indices ``[4, O, I, K]`` into the ``[O * I * D0 * D1]`` kernel of the 4 taps of every element;
+    off-window taps are clamped in (their values are zero)."""
+    (i0, n0, _, _), (i1, n1, _, _) = taps
+    base = torch.arange(batch, device=i0.device).view(i0.shape[:-1] + (1,)) * (n0 * n1)
+    rows = [(i0 + j).clamp(0, n0 - 1) * n1 for j in (0, 1)]
+    cols = [(i1 + j).clamp(0, n1 - 1) for j in (0, 1)]
+    return torch.stack([base + r + c for r in rows for c in cols])
+
+
+class _BilinearKernel2d(torch.autograd.Function):
+    """``v0``/``v1`` kernels by scattering each element's 4 weighted taps: ``O(C_out * C_in/g * K)`` work and
+    memory whatever the grid size; the backward gathers the kernel gradient at the same taps."""
+
+    @staticmethod
+    def forward(ctx, weight, P, sizes, version, window):
+        taps = _bilinear_taps(P, sizes, window, version)
+        (_, n0, a, _), (_, n1, b, _) = taps
+        scaled = weight if version == 'v0' else weight / ((a[0] + a[1]) * (b[0] + b[1]) + _NORM_EPS)
+        values = torch.stack([scaled * a[r] * b[c] for r in (0, 1) for c in (0, 1)])
+        o, i = weight.shape[:2]
+        kernel = weight.new_zeros(o * i * n0 * n1)
+        kernel.scatter_add_(0, _flat_tap_index(taps, o * i).flatten(), values.flatten())
+        ctx.save_for_backward(weight, P)
+        ctx.sizes, ctx.version, ctx.window = sizes, version, window
+        return kernel.view(o, i, n0, n1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        weight, P = ctx.saved_tensors
+        grad = grad.to(weight.dtype)  # under autocast the kernel (so its gradient) may be in lower precision
+        taps = _bilinear_taps(P, ctx.sizes, ctx.window, ctx.version)
+        (_, _, a, slope_a), (_, _, b, slope_b) = taps
+        g = grad.reshape(-1)[_flat_tap_index(taps, weight.shape[0] * weight.shape[1])]  # [4, O, I, K]
+        g = [[g[0], g[1]], [g[2], g[3]]]  # g[row tap][column tap]
+        grad_a = [g[r][0] * b[0] + g[r][1] * b[1] for r in (0, 1)]
+        grad_b = [g[0][c] * a[0] + g[1][c] * a[1] for c in (0, 1)]
+        grad_scaled = grad_a[0] * a[0] + grad_a[1] * a[1]
+        if ctx.version == 'v0':
+            grad_weight, scaled = grad_scaled, weight
+            grad_a = [scaled * ga for ga in grad_a]
+            grad_b = [scaled * gb for gb in grad_b]
         else:
+            sum_a, sum_b = a[0] + a[1], b[0] + b[1]
+            inv_mass = 1. / (sum_a * sum_b + _NORM_EPS)
+            scaled = weight * inv_mass
             grad_weight = grad_scaled * inv_mass
             grad_mass = -grad_scaled * weight * inv_mass * inv_mass
-            grad_a = grad_a + (grad_mass * sum_b).unsqueeze(-2)
-            grad_b = grad_b + (grad_mass * sum_a).unsqueeze(-2)
-        grad_P = grad_SIG = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grads = []
-            for axis, (prof, grad_prof) in enumerate(((a, grad_a), (b, grad_b))):
-                start, stop = (0, sizes[axis]) if window is None else window[axis]
-                grads.append(_profile_grads(P[axis], None if SIG is None else SIG[axis], sizes[axis], start, stop,
-                                            version, prof, grad_prof))
-            grad_P = torch.stack([g[0] for g in grads])
-            if SIG is not None:
-                grad_SIG = torch.stack([g[1] for g in grads])
-        return grad_weight if ctx.needs_input_grad[0] else None, grad_P, grad_SIG, None, None, None
+            grad_a = [scaled * ga + grad_mass * sum_b for ga in grad_a]
+            grad_b = [scaled * gb + grad_mass * sum_a for gb in grad_b]
+        grad_P = torch.stack([grad_a[0] * slope_a[0] + grad_a[1] * slope_a[1],
+                              grad_b[0] * slope_b[0] + grad_b[1] * slope_b[1]])
+        return grad_weight, grad_P, None, None, None
 
 
 def position_window(P: torch.Tensor, dilated_kernel_size: Sequence[int], version: str) -> Optional[List[Tuple[int, int]]]:
@@ -188,8 +242,10 @@ def construct_kernel(
         if len(window) != len(sizes) or any(not 0 <= a < b <= n for (a, b), n in zip(window, sizes)):
             raise ValueError(f'window must hold one (start, stop) with 0 <= start < stop <= size per axis of '
                              f'{sizes}, got {window}.')
+    if len(sizes) == 2 and version == 'gauss':
+        return _GaussKernel2d.apply(weight, P, SIG, sizes)
     if len(sizes) == 2:
-        return _SeparableKernel2d.apply(weight, P, SIG, sizes, version, window)
+        return _BilinearKernel2d.apply(weight, P, sizes, version, window or tuple((0, n) for n in sizes))
     profiles = interpolation_profiles(P, SIG, sizes, version, window)
     if version != 'v0':
         # each element's map sums to 1; the sum of an outer product is the product of the 1-D sums
