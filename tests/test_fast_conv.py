@@ -146,3 +146,31 @@ def test_bf16_autocast_uses_the_native_path_within_tolerance():
         out = layer(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+
+
+def test_caches_follow_the_positions_and_survive_pickling(tmp_path):
+    """Shared positions: one tap geometry for all their layers, rebuilt when the positions change; models with
+    filled caches still save, load and copy."""
+    import copy
+
+    import timm
+
+    import dcls_timm  # noqa: F401
+    model = timm.create_model('convnext_atto_dcls')
+    x = torch.randn(1, 3, 32, 32)
+    model(x).sum().backward()
+    cache = model.stages[1].positions.construction_cache
+    geometry = cache['geometry'][2]
+    model(x)
+    assert cache['geometry'][2] is geometry  # same positions: reused
+    with torch.no_grad():
+        model.stages[1].positions.P.add_(0.3)
+    out = model(x)
+    assert cache['geometry'][2] is not geometry
+    for layer in model.stages[1].blocks:
+        layer.conv_dw.fast_path = False
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    torch.save(model, tmp_path / 'model.pt')
+    loaded = torch.load(tmp_path / 'model.pt', weights_only=False)
+    torch.testing.assert_close(loaded(x), out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(copy.deepcopy(model)(x), out, rtol=1e-5, atol=1e-5)

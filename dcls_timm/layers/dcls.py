@@ -10,7 +10,6 @@ Several layers can share one position tensor through :func:`share_positions`, wh
 to optimizers, EMA and state dicts.
 """
 import math
-import weakref
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _ntuple
 
 from .fast_conv import depthwise_conv2d, use_fast_depthwise
-from .kernel import DCLS_VERSIONS, SIG_INIT, construct_kernel, position_window
+from .kernel import DCLS_VERSIONS, SIG_INIT, TensorState, construct_kernel, position_window
 
 __all__ = [
     'Dcls1d', 'Dcls2d', 'Dcls3d', 'DclsPositions', 'share_positions', 'clamp_positions_', 'dcls_layers',
@@ -45,6 +44,15 @@ def _clamp_(P: torch.Tensor, dilated_kernel_size: Sequence[int]) -> None:
             P[axis].clamp_(-(size // 2), (size - 1) - size // 2)
 
 
+def _without_caches(state: dict) -> dict:
+    """Pickled (and copied) modules start with empty caches: they hold weak references and derived tensors."""
+    state = dict(state)
+    state['construction_cache'] = {}
+    if '_kernel_cache' in state:
+        state['_kernel_cache'] = None
+    return state
+
+
 class DclsPositions(nn.Module):
     """Positions ``P`` (and widths ``SIG`` for ``gauss``) shared by several DCLS layers.
 
@@ -55,6 +63,7 @@ class DclsPositions(nn.Module):
     def __init__(self, P: nn.Parameter, SIG: Optional[nn.Parameter], dilated_kernel_size: Tuple[int, ...]):
         super().__init__()
         self.dilated_kernel_size = tuple(dilated_kernel_size)
+        self.construction_cache = {}  # tap geometry of the current positions, shared by the layers using them
         self.P = P
         if SIG is None:
             self.register_parameter('SIG', None)
@@ -65,6 +74,9 @@ class DclsPositions(nn.Module):
     def clamp_parameters(self) -> None:
         """Clamp positions in place onto the grid: ``±(D // 2)`` per axis for odd D."""
         _clamp_(self.P, self.dilated_kernel_size)
+
+    def __getstate__(self):
+        return _without_caches(super().__getstate__())
 
     def extra_repr(self) -> str:
         return f'shape={tuple(self.P.shape)}, dilated_kernel_size={self.dilated_kernel_size}'
@@ -137,6 +149,7 @@ class _DclsNd(nn.Module):
         # gradient is needed. False: the plain dense convolution (e.g. for FLOP counting).
         self.fast_path = True
         self._kernel_cache = None
+        self.construction_cache = {}  # see DclsPositions; used while this layer owns its positions
 
         shape = (out_channels, in_channels // groups, kernel_count)
         self.weight = nn.Parameter(torch.empty(shape, **dd))
@@ -187,6 +200,9 @@ class _DclsNd(nn.Module):
             if self.SIG is not None:
                 nn.init.constant_(self.SIG, SIG_INIT)
 
+    def __getstate__(self):
+        return _without_caches(super().__getstate__())
+
     def __getattr__(self, name: str):
         # P/SIG of a layer that shares its positions live in the DclsPositions module
         try:
@@ -219,13 +235,11 @@ class _DclsNd(nn.Module):
         owner = self.positions_owner()
         tensors = [t for t in (self.weight, owner.P, owner.SIG) if t is not None]
         dynamic = not (torch.jit.is_tracing() or torch.compiler.is_compiling())  # host reads and Python state
-        key = None
-        if dynamic and not torch.is_grad_enabled():
-            key = (tuple(size), [(weakref.ref(t), t._version, t.data_ptr()) for t in tensors])
-            cached = self._kernel_cache
-            if cached is not None and cached[0][0] == key[0] and all(
-                    r() is t and v == t._version and p == t.data_ptr() for (r, v, p), t in zip(cached[0][1], tensors)):
-                return cached[1]
+        reuse = dynamic and not torch.is_grad_enabled()
+        if reuse and self._kernel_cache is not None:
+            size_, state, result = self._kernel_cache
+            if size_ == tuple(size) and state.matches(tensors):
+                return result
         support = position_window(owner.P, self.dilated_kernel_size, self.version) if dynamic else None
         window, reach, padding = [], [], []
         for axis, (d, p, n) in enumerate(zip(self.dilated_kernel_size, self._conv_padding, size)):
@@ -240,13 +254,13 @@ class _DclsNd(nn.Module):
             padding.append(reach[-1])
         full = all(w == (0, d) for w, d in zip(window, self.dilated_kernel_size))
         kernel = construct_kernel(self.weight, owner.P, owner.SIG, self.dilated_kernel_size, self.version,
-                                  None if full else window)
+                                  None if full else window, owner.construction_cache if dynamic else None)
         for axis, ((start, stop), r) in enumerate(zip(window, reach)):
             if r is not None and 2 * r + 1 < stop - start:  # v1/gauss normalise over the window: crop after
                 kernel = kernel.narrow(2 + axis, (stop - start) // 2 - r, 2 * r + 1)
         result = kernel, tuple(padding)
-        if key is not None:
-            self._kernel_cache = (key, result)
+        if reuse:
+            self._kernel_cache = (tuple(size), TensorState(tensors), result)
         return result
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ gradient from) the two taps around it per axis, so every tap outside the window 
 zero and the kernel can be built, and convolved, at that size.
 """
 import math
-from typing import List, Optional, Sequence, Tuple
+import weakref
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 from torch.autograd.function import once_differentiable
 
@@ -114,10 +115,34 @@ class _GaussKernel2d(torch.autograd.Function):
                 None)
 
 
-def _bilinear_taps(P: torch.Tensor, sizes: Sequence[int], window: Sequence[Tuple[int, int]], version: str):
-    """Per axis, the lower of the two taps around every element (index within the window), the two interpolation
-    weights ``1 - frac`` and ``frac`` zeroed off the window, and their derivatives w.r.t. the position."""
-    taps = []
+class TensorState:
+    """Identity, storage and version of tensors: equal as long as none of them was replaced or changed in place
+    (optimizer steps, clamping, ``load_state_dict`` and EMA updates all bump the version)."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        self._state = [(weakref.ref(t), t._version, t.data_ptr()) for t in tensors]
+
+    def matches(self, tensors: Sequence[torch.Tensor]) -> bool:
+        return len(tensors) == len(self._state) and all(
+            ref() is t and version == t._version and ptr == t.data_ptr()
+            for (ref, version, ptr), t in zip(self._state, tensors))
+
+
+class _TapGeometry(NamedTuple):
+    """Where the 4 taps of every element of a 2-D bilinear kernel fall, and their interpolation weights: depends on
+    the positions only, so layers sharing positions (and each layer's backward) can reuse it."""
+    index: torch.Tensor  # [4, O, I, K] flat indices into the kernel, taps (row, col) = 00, 01, 10, 11
+    weights: torch.Tensor  # [4, O, I, K] row weight x column weight of each tap
+    rows: List[torch.Tensor]  # the two row weights (zero off the window)
+    cols: List[torch.Tensor]
+    row_slopes: List[torch.Tensor]  # their derivatives w.r.t. the row position
+    col_slopes: List[torch.Tensor]
+    shape: Tuple[int, int]  # window size
+
+
+def _tap_geometry(P: torch.Tensor, sizes: Sequence[int], window: Sequence[Tuple[int, int]],
+                  version: str) -> _TapGeometry:
+    per_axis = []
     for axis, (size, (start, stop)) in enumerate(zip(sizes, window)):
         p = P[axis] + size // 2
         lower = p.floor()
@@ -130,18 +155,26 @@ def _bilinear_taps(P: torch.Tensor, sizes: Sequence[int], window: Sequence[Tuple
         else:  # relu(1 - |i - p|): autograd's subgradient is 0 at integer positions
             moving = (frac > 0).to(P.dtype)
             slopes = [-moving * inside[0], moving * inside[1]]
-        taps.append((index, stop - start, values, slopes))
-    return taps
+        # off-window taps are clamped in: their weights are zero
+        per_axis.append(([(index + j).clamp(0, stop - start - 1) for j in (0, 1)], values, slopes, stop - start))
+    (i0, rows, row_slopes, n0), (i1, cols, col_slopes, n1) = per_axis
+    filters = P.shape[1] * P.shape[2]
+    base = torch.arange(filters, device=P.device).view(P.shape[1], P.shape[2], 1) * (n0 * n1)
+    index = torch.stack([base + i0[r] * n1 + i1[c] for r in (0, 1) for c in (0, 1)])
+    weights = torch.stack([rows[r] * cols[c] for r in (0, 1) for c in (0, 1)])
+    return _TapGeometry(index, weights, rows, cols, row_slopes, col_slopes, (n0, n1))
 
 
-def _flat_tap_index(taps, batch: int) -> torch.Tensor:
-    """Flat indices ``[4, O, I, K]`` into the ``[O * I * D0 * D1]`` kernel of the 4 taps of every element;
-    off-window taps are clamped in (their values are zero)."""
-    (i0, n0, _, _), (i1, n1, _, _) = taps
-    base = torch.arange(batch, device=i0.device).view(i0.shape[:-1] + (1,)) * (n0 * n1)
-    rows = [(i0 + j).clamp(0, n0 - 1) * n1 for j in (0, 1)]
-    cols = [(i1 + j).clamp(0, n1 - 1) for j in (0, 1)]
-    return torch.stack([base + r + c for r in rows for c in cols])
+def _cached_geometry(P: torch.Tensor, sizes, window, version: str, cache: Optional[dict]) -> _TapGeometry:
+    if cache is None:
+        return _tap_geometry(P, sizes, window, version)
+    key = (tuple(sizes), tuple(window), version)
+    hit = cache.get('geometry')
+    if hit is not None and hit[0] == key and hit[1].matches([P]):
+        return hit[2]
+    geometry = _tap_geometry(P, sizes, window, version)
+    cache['geometry'] = (key, TensorState([P]), geometry)
+    return geometry
 
 
 class _BilinearKernel2d(torch.autograd.Function):
@@ -149,34 +182,32 @@ class _BilinearKernel2d(torch.autograd.Function):
     memory whatever the grid size; the backward gathers the kernel gradient at the same taps."""
 
     @staticmethod
-    def forward(ctx, weight, P, sizes, version, window):
-        taps = _bilinear_taps(P, sizes, window, version)
-        (_, n0, a, _), (_, n1, b, _) = taps
-        scaled = weight if version == 'v0' else weight / ((a[0] + a[1]) * (b[0] + b[1]) + _NORM_EPS)
-        values = torch.stack([scaled * a[r] * b[c] for r in (0, 1) for c in (0, 1)])
+    def forward(ctx, weight, P, sizes, version, window, cache):
+        geo = _cached_geometry(P, sizes, window, version, cache)
+        scaled = weight if version == 'v0' else weight / (sum(geo.rows) * sum(geo.cols) + _NORM_EPS)
         o, i = weight.shape[:2]
-        kernel = weight.new_zeros(o * i * n0 * n1)
-        kernel.scatter_add_(0, _flat_tap_index(taps, o * i).flatten(), values.flatten())
+        kernel = weight.new_zeros(o * i * geo.shape[0] * geo.shape[1])
+        kernel.scatter_add_(0, geo.index.flatten(), (geo.weights * scaled).flatten())
         ctx.save_for_backward(weight, P)
-        ctx.sizes, ctx.version, ctx.window = sizes, version, window
-        return kernel.view(o, i, n0, n1)
+        ctx.args = sizes, version, window, cache
+        return kernel.view(o, i, *geo.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         weight, P = ctx.saved_tensors
+        sizes, version, window, cache = ctx.args
         grad = grad.to(weight.dtype)  # under autocast the kernel (so its gradient) may be in lower precision
-        taps = _bilinear_taps(P, ctx.sizes, ctx.window, ctx.version)
-        (_, _, a, slope_a), (_, _, b, slope_b) = taps
-        g = grad.reshape(-1)[_flat_tap_index(taps, weight.shape[0] * weight.shape[1])]  # [4, O, I, K]
-        g = [[g[0], g[1]], [g[2], g[3]]]  # g[row tap][column tap]
-        grad_a = [g[r][0] * b[0] + g[r][1] * b[1] for r in (0, 1)]
-        grad_b = [g[0][c] * a[0] + g[1][c] * a[1] for c in (0, 1)]
+        geo = _cached_geometry(P, sizes, window, version, cache)
+        a, b = geo.rows, geo.cols
+        g = grad.reshape(-1)[geo.index]  # [4, O, I, K], taps 00, 01, 10, 11
+        grad_a = [g[0] * b[0] + g[1] * b[1], g[2] * b[0] + g[3] * b[1]]
+        grad_b = [g[0] * a[0] + g[2] * a[1], g[1] * a[0] + g[3] * a[1]]
         grad_scaled = grad_a[0] * a[0] + grad_a[1] * a[1]
-        if ctx.version == 'v0':
-            grad_weight, scaled = grad_scaled, weight
-            grad_a = [scaled * ga for ga in grad_a]
-            grad_b = [scaled * gb for gb in grad_b]
+        if version == 'v0':
+            grad_weight = grad_scaled
+            grad_a = [weight * ga for ga in grad_a]
+            grad_b = [weight * gb for gb in grad_b]
         else:
             sum_a, sum_b = a[0] + a[1], b[0] + b[1]
             inv_mass = 1. / (sum_a * sum_b + _NORM_EPS)
@@ -185,9 +216,9 @@ class _BilinearKernel2d(torch.autograd.Function):
             grad_mass = -grad_scaled * weight * inv_mass * inv_mass
             grad_a = [scaled * ga + grad_mass * sum_b for ga in grad_a]
             grad_b = [scaled * gb + grad_mass * sum_a for gb in grad_b]
-        grad_P = torch.stack([grad_a[0] * slope_a[0] + grad_a[1] * slope_a[1],
-                              grad_b[0] * slope_b[0] + grad_b[1] * slope_b[1]])
-        return grad_weight, grad_P, None, None, None
+        grad_P = torch.stack([grad_a[0] * geo.row_slopes[0] + grad_a[1] * geo.row_slopes[1],
+                              grad_b[0] * geo.col_slopes[0] + grad_b[1] * geo.col_slopes[1]])
+        return grad_weight, grad_P, None, None, None, None
 
 
 def position_window(P: torch.Tensor, dilated_kernel_size: Sequence[int], version: str) -> Optional[List[Tuple[int, int]]]:
@@ -214,6 +245,7 @@ def construct_kernel(
         dilated_kernel_size: Sequence[int],
         version: str,
         window: Optional[Sequence[Tuple[int, int]]] = None,
+        cache: Optional[dict] = None,
 ) -> torch.Tensor:
     """Build the dense kernel ``[C_out, C_in/g, *dilated_kernel_size]`` of a DCLS layer.
 
@@ -226,6 +258,8 @@ def construct_kernel(
         window: Optional ``(start, stop)`` taps per axis: build only that part of the kernel. Exact for ``v0``
             (the kernel's restriction) and for ``v1`` when it holds every element's taps (:func:`position_window`;
             ``v1`` normalises over the window); not for ``gauss``.
+        cache: Optional dict, owned by whoever owns ``P``, in which 2-D ``v0``/``v1`` construction keeps the tap
+            geometry of the current positions for the layers sharing them and for the backward pass.
 
     Returns:
         The dense kernel (or its window), differentiable w.r.t. ``weight``, ``P`` and ``SIG``.
@@ -245,7 +279,7 @@ def construct_kernel(
     if len(sizes) == 2 and version == 'gauss':
         return _GaussKernel2d.apply(weight, P, SIG, sizes)
     if len(sizes) == 2:
-        return _BilinearKernel2d.apply(weight, P, sizes, version, window or tuple((0, n) for n in sizes))
+        return _BilinearKernel2d.apply(weight, P, sizes, version, window or tuple((0, n) for n in sizes), cache)
     profiles = interpolation_profiles(P, SIG, sizes, version, window)
     if version != 'v0':
         # each element's map sums to 1; the sum of an outer product is the product of the 1-D sums
