@@ -3,8 +3,9 @@
 On CPU, PyTorch's large-kernel depthwise convolution is far faster on channels-last tensors than on contiguous
 ones, and its weight gradient costs many times the forward pass. Here the forward and the input gradient (a
 convolution with the flipped kernel) run channels-last, and the weight gradient is the cross-correlation of the
-padded input with the output gradient, computed through FFTs and summed over the batch in the frequency domain.
-Values and all gradients equal ``F.conv2d`` to float32 rounding.
+input with the output gradient, computed through FFTs (no padding: only long enough that the wanted lags do not
+alias, at sizes with factors 2, 3, 5) and summed over the batch in the frequency domain. Values and all gradients
+equal ``F.conv2d`` to float32 rounding.
 """
 from typing import Optional, Tuple
 
