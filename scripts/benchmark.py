@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -267,7 +268,7 @@ def to_markdown(results: dict) -> str:
         lines += ['', f"Kernel construction, forward + backward, all {k['layers']} DCLS layers of {k['model']} "
                       '(memory: what autograd keeps for backward):', '',
                   '| route | median ms | min–max ms | saved MiB |', '|---|---|---|---|']
-        for name, label in (('ours', 'dcls_timm (separable, hand-written backward)'),
+        for name, label in (('ours', 'dcls_timm'),
                             ('dcls', 'dcls 0.1.1 ConstructKernel2d')):
             r = k[name]
             lines.append(f"| {label} | {1e3 * r['median_s']:.1f} | {1e3 * r['min_s']:.1f}–{1e3 * r['max_s']:.1f} | "
@@ -315,7 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             if not name.startswith(DCLS_ROUTE) and not timm.is_model(name):
                 raise SystemExit(f"unknown model '{name}' in '{pair}'.")
     results = {'machine': machine(device), 'batch_size': args.batch_size, 'img_size': args.img_size,
-               'repeats': args.repeats, 'command': 'python scripts/benchmark.py ' + ' '.join(
+               'repeats': args.repeats, 'command': 'python scripts/benchmark.py ' + shlex.join(
                    sys.argv[1:] if argv is None else argv), 'speed': [], 'memory': []}
     runs = [(pair, 'eager') for pair in pairs] + [(pair, 'compile') for pair in compile_pairs]
     for positions in args.positions:

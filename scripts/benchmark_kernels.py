@@ -130,7 +130,7 @@ def main():
         return
     model = timm.create_model(args.model)
     params = _layer_params(model)
-    rows = {'ours (separable)': lambda: _run_ours(params)}
+    rows = {'dcls_timm': lambda: _run_ours(params)}
     if not args.no_dcls:
         rows['dcls 0.1.1 ConstructKernel2d'] = _make_dcls_runner(params)
     results = {'model': args.model, 'layers': len(params), 'torch': torch.__version__,

@@ -16,9 +16,9 @@ def test_benchmark_kernels_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result['layers'] == 12
-    assert set(result['rows']) == {'ours (separable)', 'dcls 0.1.1 ConstructKernel2d'}
+    assert set(result['rows']) == {'dcls_timm', 'dcls 0.1.1 ConstructKernel2d'}
     assert all(r['median_s'] > 0 and r['saved_mb'] > 0 for r in result['rows'].values())
-    assert '| ours (separable) |' in proc.stdout
+    assert '| dcls_timm |' in proc.stdout
 
 
 def test_benchmark_conv_table_runs(tmp_path):
