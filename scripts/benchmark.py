@@ -245,7 +245,8 @@ def to_markdown(results: dict) -> str:
     m = results['machine']
     lines = [f"Measured {m['date']} on {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads)"
              + (f", {m['gpu']}" if 'gpu' in m else '') + f"; torch {m['torch']}, timm {m['timm']}, "
-             f"dcls_timm {m['dcls_timm']}; allocator: {m['allocator'] or 'default'}; batch {results['batch_size']}, {results['img_size']} px, "
+             f"dcls_timm {m['dcls_timm']}; allocator: {m['allocator'] or 'default'}; "
+             f"batch {results['batch_size']}, {results['img_size']} px, "
              f"median of {results['repeats']} interleaved repeats (min–max in brackets).", '',
              f"Command: `{results['command']}`", '',
              '| model | baseline | mode | run | positions | model ms | baseline ms | throughput ratio | target |',
@@ -326,7 +327,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 continue
             for mode in modes:
                 torch.manual_seed(0)
-                models = {model_name: create(model_name, positions, device), base_name: create(base_name, 'init', device)}
+                models = {model_name: create(model_name, positions, device),
+                          base_name: create(base_name, 'init', device)}
                 steps = {n: make_step(m, mode, args.batch_size, args.img_size, device, run == 'compile')
                          for n, m in models.items()}
                 times, warm = time_interleaved(steps, args.repeats, args.warmup, device)

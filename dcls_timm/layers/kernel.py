@@ -16,9 +16,8 @@ import math
 import weakref
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
-from torch.autograd.function import once_differentiable
-
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = ['DCLS_VERSIONS', 'SIG_OFFSET', 'SIG_INIT', 'construct_kernel', 'interpolation_profiles', 'position_window']
 
@@ -226,7 +225,8 @@ class _BilinearKernel2d(torch.autograd.Function):
         return grad_weight, grad_P, None, None, None, None
 
 
-def position_window(P: torch.Tensor, dilated_kernel_size: Sequence[int], version: str) -> Optional[List[Tuple[int, int]]]:
+def position_window(P: torch.Tensor, dilated_kernel_size: Sequence[int],
+                    version: str) -> Optional[List[Tuple[int, int]]]:
     """The ``(start, stop)`` grid taps per axis outside which a ``v0``/``v1`` kernel and its gradients are exactly
     zero: from the lowest element's lower tap to the highest element's upper one. ``None`` for ``gauss`` (whose
     profiles never vanish). Reads the positions on the host (one synchronisation)."""
