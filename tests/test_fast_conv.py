@@ -174,3 +174,23 @@ def test_caches_follow_the_positions_and_survive_pickling(tmp_path):
     loaded = torch.load(tmp_path / 'model.pt', weights_only=False)
     torch.testing.assert_close(loaded(x), out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(copy.deepcopy(model)(x), out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['convnext_atto_dcls', 'resnet50_dcls', 'flexnet_7'])
+def test_models_built_under_inference_mode_run(name):
+    """Parameters made under torch.inference_mode have no version counter: nothing is cached, results are equal."""
+    import timm
+
+    import dcls_timm  # noqa: F401
+    torch.manual_seed(0)
+    reference = timm.create_model(name).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        model = timm.create_model(name).eval()
+        model.load_state_dict(reference.state_dict())
+        out = model(x)
+        again = model(x)
+    with torch.no_grad():
+        expected = reference(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, expected, rtol=1e-5, atol=1e-5)

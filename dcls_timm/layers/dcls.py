@@ -235,7 +235,7 @@ class _DclsNd(nn.Module):
         owner = self.positions_owner()
         tensors = [t for t in (self.weight, owner.P, owner.SIG) if t is not None]
         dynamic = not (torch.jit.is_tracing() or torch.compiler.is_compiling())  # host reads and Python state
-        reuse = dynamic and not torch.is_grad_enabled()
+        reuse = dynamic and not torch.is_grad_enabled() and TensorState.trackable(tensors)
         if reuse and self._kernel_cache is not None:
             size_, state, result = self._kernel_cache
             if size_ == tuple(size) and state.matches(tensors):

@@ -103,6 +103,8 @@ class _ContinuousConvNd(nn.Module):
 
     # -- cropping -------------------------------------------------------------------------------------------------
     def _mask_key(self):
+        if self.mask_sigma.is_inference() or self.mask_mean.is_inference():
+            return object()  # no version counter under inference mode: never reuse a crop
         return (self.kernel_size, self.mask_sigma._version, self.mask_mean._version,
                 self.mask_sigma.data_ptr(), self.mask_mean.data_ptr())
 

@@ -126,8 +126,13 @@ class TensorState:
     def __init__(self, tensors: Sequence[torch.Tensor]):
         self._state = [(weakref.ref(t), t._version, t.data_ptr()) for t in tensors]
 
+    @staticmethod
+    def trackable(tensors: Sequence[torch.Tensor]) -> bool:
+        """Tensors made under ``torch.inference_mode`` have no version counter: nothing can be cached for them."""
+        return not any(t.is_inference() for t in tensors)
+
     def matches(self, tensors: Sequence[torch.Tensor]) -> bool:
-        return len(tensors) == len(self._state) and all(
+        return len(tensors) == len(self._state) and self.trackable(tensors) and all(
             ref() is t and version == t._version and ptr == t.data_ptr()
             for (ref, version, ptr), t in zip(self._state, tensors))
 
@@ -170,7 +175,7 @@ def _tap_geometry(P: torch.Tensor, sizes: Sequence[int], window: Sequence[Tuple[
 
 
 def _cached_geometry(P: torch.Tensor, sizes, window, version: str, cache: Optional[dict]) -> _TapGeometry:
-    if cache is None:
+    if cache is None or not TensorState.trackable([P]):
         return _tap_geometry(P, sizes, window, version)
     key = (tuple(sizes), tuple(window), version)
     hit = cache.get('geometry')
