@@ -80,13 +80,15 @@ def _saved_bytes(fn):
 
 
 def _conv_table(repeats: int, batch: int = 8, kernel: int = 17) -> dict:
-    """Forward + backward of one depthwise conv per ConvNeXt-T stage shape, summed over the 18 blocks."""
+    """Forward + backward of one depthwise conv per ConvNeXt-T stage shape, summed over the 18 blocks; ConvNeXt-T's
+    own 7x7 conv (contiguous tensors, as timm runs it) for reference."""
     import torch.nn.functional as F
     from dcls_timm.layers.fast_conv import depthwise_conv2d
-    rows, totals = [], {'F.conv2d': 0., 'fast path': 0.}
+    rows, totals = [], {'F.conv2d': 0., 'fast path': 0., 'F.conv2d 7x7': 0.}
     for channels, size, blocks in [(96, 56, 3), (192, 28, 3), (384, 14, 9), (768, 7, 3)]:
         x = torch.randn(batch, channels, size, size, requires_grad=True)
         w = torch.randn(channels, 1, kernel, kernel, requires_grad=True)
+        w7 = torch.randn(channels, 1, 7, 7, requires_grad=True)
         g = torch.randn(batch, channels, size, size)
 
         def native():
@@ -96,8 +98,11 @@ def _conv_table(repeats: int, batch: int = 8, kernel: int = 17) -> dict:
             r = min(kernel // 2, size - 1)  # taps beyond size - 1 from the centre only ever see padding
             k = w[..., kernel // 2 - r:kernel // 2 + r + 1, kernel // 2 - r:kernel // 2 + r + 1]
             depthwise_conv2d(x, k, None, (r, r)).backward(g)
+
+        def seven():
+            F.conv2d(x, w7, None, 1, 3, 1, channels).backward(g)
         row = {'channels': channels, 'size': size}
-        for name, fn in [('F.conv2d', native), ('fast path', fast)]:
+        for name, fn in [('F.conv2d', native), ('fast path', fast), ('F.conv2d 7x7', seven)]:
             row[name] = statistics.median(_measure(fn, repeats))
             totals[name] += blocks * row[name]
         rows.append(row)
@@ -119,11 +124,13 @@ def main():
         table = _conv_table(args.repeats)
         print(f"17x17 depthwise conv, forward + backward, batch {table['batch']}, {torch.get_num_threads()} threads, "
               f'median of {args.repeats}')
-        print('| stage shape (C, H=W) | F.conv2d ms | fast path ms |\n|---|---|---|')
+        print('| stage shape (C, H=W) | F.conv2d ms | fast path ms | ConvNeXt-T 7x7 F.conv2d ms |\n|---|---|---|---|')
         for r in table['rows']:
-            print(f"| {r['channels']}, {r['size']} | {1e3 * r['F.conv2d']:.0f} | {1e3 * r['fast path']:.0f} |")
+            print(f"| {r['channels']}, {r['size']} | {1e3 * r['F.conv2d']:.0f} | {1e3 * r['fast path']:.0f} | "
+                  f"{1e3 * r['F.conv2d 7x7']:.0f} |")
         t = table['total_18_blocks']
-        print(f"| sum over the 18 blocks | {1e3 * t['F.conv2d']:.0f} | {1e3 * t['fast path']:.0f} |")
+        print(f"| sum over the 18 blocks | {1e3 * t['F.conv2d']:.0f} | {1e3 * t['fast path']:.0f} | "
+              f"{1e3 * t['F.conv2d 7x7']:.0f} |")
         if args.json:
             with open(args.json, 'w') as f:
                 json.dump(table, f, indent=2)

@@ -73,7 +73,7 @@ def test_crop_sizes_update_for_all_layers_at_once():
         model[1].mask_sigma.fill_(0.3)
     update_crop_sizes_(model)
     assert model[0]._crop == (10, 10) and model[1]._crop == (5, 5)
-    assert model[0]._crop_key == model[0]._mask_key()  # forward will not sync again
+    assert model[0]._crop_is_current() and model[1]._crop_is_current()  # forward will not sync again
 
 
 @pytest.mark.parametrize('dim, depthwise', [(1, False), (2, False), (2, True), (3, True)])

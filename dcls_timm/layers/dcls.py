@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _ntuple
 
 from .fast_conv import depthwise_conv2d, use_fast_depthwise
-from .kernel import DCLS_VERSIONS, SIG_INIT, TensorState, construct_kernel, position_window
+from .kernel import DCLS_VERSIONS, SIG_INIT, construct_kernel, position_window
+from .tensor_state import TensorState
 
 __all__ = [
     'Dcls1d', 'Dcls2d', 'Dcls3d', 'DclsPositions', 'share_positions', 'clamp_positions_', 'dcls_layers',
@@ -45,7 +46,7 @@ def _clamp_(P: torch.Tensor, dilated_kernel_size: Sequence[int]) -> None:
 
 
 def _without_caches(state: dict) -> dict:
-    """Pickled (and copied) modules start with empty caches: they hold weak references and derived tensors."""
+    """Pickled (and copied) modules start with empty caches: derived tensors need not be saved."""
     state = dict(state)
     state['construction_cache'] = {}
     if '_kernel_cache' in state:
@@ -235,7 +236,7 @@ class _DclsNd(nn.Module):
         owner = self.positions_owner()
         tensors = [t for t in (self.weight, owner.P, owner.SIG) if t is not None]
         dynamic = not (torch.jit.is_tracing() or torch.compiler.is_compiling())  # host reads and Python state
-        reuse = dynamic and not torch.is_grad_enabled() and TensorState.trackable(tensors)
+        reuse = dynamic and not torch.is_grad_enabled()
         if reuse and self._kernel_cache is not None:
             size_, state, result = self._kernel_cache
             if size_ == tuple(size) and state.matches(tensors):
@@ -247,7 +248,9 @@ class _DclsNd(nn.Module):
         window, reach, padding = [], [], []
         for axis, (d, p, n) in enumerate(zip(self.dilated_kernel_size, self._conv_padding, size)):
             if d != 2 * p + 1:  # not centred: nothing to crop
-                window.append((0, d)), reach.append(None), padding.append(p)
+                window.append((0, d))
+                reach.append(None)
+                padding.append(p)
                 continue
             r = p if support is None else min(p, max(p - support[axis][0], support[axis][1] - 1 - p))
             if self.version == 'v0':  # no normalisation: build only what the input reaches

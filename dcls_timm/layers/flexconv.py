@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
 from .magnet import MAGNet, coordinate_grid
+from .tensor_state import TensorState
 
 __all__ = ['CKConv', 'FlexConv', 'SeparableFlexConv', 'fft_conv', 'continuous_convs', 'update_crop_sizes_',
            'set_kernel_resolution', 'anti_aliasing_loss', 'MASK_THRESHOLD']
@@ -102,11 +103,12 @@ class _ContinuousConvNd(nn.Module):
         self._crop_key = None
 
     # -- cropping -------------------------------------------------------------------------------------------------
-    def _mask_key(self):
-        if self.mask_sigma.is_inference() or self.mask_mean.is_inference():
-            return object()  # no version counter under inference mode: never reuse a crop
-        return (self.kernel_size, self.mask_sigma._version, self.mask_mean._version,
-                self.mask_sigma.data_ptr(), self.mask_mean.data_ptr())
+    def _crop_is_current(self) -> bool:
+        """The cached crop was computed for this grid size and these mask parameters, unchanged since."""
+        if self._crop is None:
+            return False
+        kernel_size, state = self._crop_key
+        return kernel_size == self.kernel_size and state.matches([self.mask_sigma, self.mask_mean])
 
     def _half_widths_from(self, sigma: Sequence[float], mean: Sequence[float]) -> Tuple[int, ...]:
         full = (self.kernel_size - 1) // 2
@@ -117,13 +119,13 @@ class _ContinuousConvNd(nn.Module):
 
     def set_crop_from(self, sigma: Sequence[float], mean: Sequence[float]) -> None:
         self._crop = self._half_widths_from(sigma, mean)
-        self._crop_key = self._mask_key()
+        self._crop_key = (self.kernel_size, TensorState([self.mask_sigma, self.mask_mean]))
 
     def crop_half_widths(self) -> Tuple[int, ...]:
         """Half sizes of the cropped kernel per axis (host ints; recomputed only after the mask changed)."""
         if not self.has_mask:
             return ((self.kernel_size - 1) // 2,) * self.dim
-        if self._crop is None or self._crop_key != self._mask_key():
+        if not self._crop_is_current():
             with torch.no_grad():
                 values = torch.cat([self.mask_sigma.detach(), self.mask_mean.detach()]).float().cpu().tolist()
             self.set_crop_from(values[:self.dim], values[self.dim:])

@@ -13,11 +13,12 @@ gradient from) the two taps around it per axis, so every tap outside the window 
 zero and the kernel can be built, and convolved, at that size.
 """
 import math
-import weakref
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from .tensor_state import TensorState
 
 __all__ = ['DCLS_VERSIONS', 'SIG_OFFSET', 'SIG_INIT', 'construct_kernel', 'interpolation_profiles', 'position_window']
 
@@ -119,24 +120,6 @@ class _GaussKernel2d(torch.autograd.Function):
                 None)
 
 
-class TensorState:
-    """Identity, storage and version of tensors: equal as long as none of them was replaced or changed in place
-    (optimizer steps, clamping, ``load_state_dict`` and EMA updates all bump the version)."""
-
-    def __init__(self, tensors: Sequence[torch.Tensor]):
-        self._state = [(weakref.ref(t), t._version, t.data_ptr()) for t in tensors]
-
-    @staticmethod
-    def trackable(tensors: Sequence[torch.Tensor]) -> bool:
-        """Tensors made under ``torch.inference_mode`` have no version counter: nothing can be cached for them."""
-        return not any(t.is_inference() for t in tensors)
-
-    def matches(self, tensors: Sequence[torch.Tensor]) -> bool:
-        return len(tensors) == len(self._state) and self.trackable(tensors) and all(
-            ref() is t and version == t._version and ptr == t.data_ptr()
-            for (ref, version, ptr), t in zip(self._state, tensors))
-
-
 class _TapGeometry(NamedTuple):
     """Where the 4 taps of every element of a 2-D bilinear kernel fall, and their interpolation weights: depends on
     the positions only, so layers sharing positions (and each layer's backward) can reuse it."""
@@ -175,7 +158,7 @@ def _tap_geometry(P: torch.Tensor, sizes: Sequence[int], window: Sequence[Tuple[
 
 
 def _cached_geometry(P: torch.Tensor, sizes, window, version: str, cache: Optional[dict]) -> _TapGeometry:
-    if cache is None or not TensorState.trackable([P]):
+    if cache is None:
         return _tap_geometry(P, sizes, window, version)
     key = (tuple(sizes), tuple(window), version)
     hit = cache.get('geometry')
