@@ -160,13 +160,13 @@ def test_caches_follow_the_positions_and_survive_pickling(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     model(x).sum().backward()
     cache = model.stages[1].positions.construction_cache
-    geometry = cache['geometry'][2]
+    geometry = cache._entry[2]
     model(x)
-    assert cache['geometry'][2] is geometry  # same positions: reused
+    assert cache._entry[2] is geometry  # same positions: reused
     with torch.no_grad():
         model.stages[1].positions.P.add_(0.3)
     out = model(x)
-    assert cache['geometry'][2] is not geometry
+    assert cache._entry[2] is not geometry
     for layer in model.stages[1].blocks:
         layer.conv_dw.fast_path = False
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 import dcls_timm  # noqa: F401
 from dcls_timm.layers import (
     CKConv, FlexConv, MAGNet, SeparableFlexConv, anti_aliasing_loss, coordinate_grid, fft_conv, set_kernel_resolution,
-    update_crop_sizes_,
 )
 from dcls_timm.layers.dcls import Dcls2d
 from dcls_timm.recipe import CompositeRecipe, FlexConvRecipe
@@ -66,14 +65,22 @@ def test_mask_crop_grows_with_sigma_and_sigma_gets_gradients():
     assert conv.mask_mean.grad is not None
 
 
-def test_crop_sizes_update_for_all_layers_at_once():
+def test_crop_sizes_follow_the_mask_however_it_changes():
+    """The crop is read from the mask at every forward: in-place edits, .data edits and fused optimizer steps (which
+    bump no version counter) all show at once."""
     model = torch.nn.Sequential(FlexConv(2, 2, 33), FlexConv(2, 2, 17))
+    assert model[0].kernel_sizes() == (5, 5)
     with torch.no_grad():
         model[0].mask_sigma.fill_(0.3)
-        model[1].mask_sigma.fill_(0.3)
-    update_crop_sizes_(model)
-    assert model[0]._crop == (10, 10) and model[1]._crop == (5, 5)
-    assert model[0]._crop_is_current() and model[1]._crop_is_current()  # forward will not sync again
+    model[1].mask_sigma.data.fill_(0.3)
+    assert model[0].kernel_sizes() == (21, 21) and model[1].kernel_sizes() == (11, 11)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05, fused=True)
+    model(torch.randn(1, 2, 12, 12)).square().mean().backward()
+    before = model[0].mask_sigma.detach().clone()
+    opt.step()
+    assert not torch.equal(before, model[0].mask_sigma)
+    expected = model[0]._half_widths_from(model[0].mask_sigma.tolist(), model[0].mask_mean.tolist())
+    assert model[0].crop_half_widths() == expected
 
 
 @pytest.mark.parametrize('dim, depthwise', [(1, False), (2, False), (2, True), (3, True)])
@@ -220,4 +227,4 @@ def test_flexconv_recipe_groups_and_hooks():
     with torch.no_grad():
         conv.mask_sigma.fill_(0.3)
     recipe.after_optimizer_step(model)
-    assert conv._crop == (10, 10)
+    assert conv.crop_half_widths() == (10, 10)

@@ -6,6 +6,5 @@ from .dcls import (
 from .kernel import DCLS_VERSIONS, construct_kernel, interpolation_profiles
 from .flexconv import (
     CKConv, FlexConv, SeparableFlexConv, anti_aliasing_loss, continuous_convs, fft_conv, set_kernel_resolution,
-    update_crop_sizes_,
 )
 from .magnet import MAGNet, coordinate_grid

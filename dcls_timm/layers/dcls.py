@@ -19,7 +19,11 @@ from torch.nn.modules.utils import _ntuple
 
 from .fast_conv import depthwise_conv2d, use_fast_depthwise
 from .kernel import DCLS_VERSIONS, SIG_INIT, construct_kernel, position_window
-from .tensor_state import TensorState
+from .derived_cache import DerivedCache
+
+# Under FX symbolic tracing the kernel is one call: traced op by op, its in-place scatter would be dropped as dead
+# code, leaving a zero kernel and no gradient for the weights.
+torch.fx.wrap('construct_kernel')
 
 __all__ = [
     'Dcls1d', 'Dcls2d', 'Dcls3d', 'DclsPositions', 'share_positions', 'clamp_positions_', 'dcls_layers',
@@ -45,15 +49,6 @@ def _clamp_(P: torch.Tensor, dilated_kernel_size: Sequence[int]) -> None:
             P[axis].clamp_(-(size // 2), (size - 1) - size // 2)
 
 
-def _without_caches(state: dict) -> dict:
-    """Pickled (and copied) modules start with empty caches: derived tensors need not be saved."""
-    state = dict(state)
-    state['construction_cache'] = {}
-    if '_kernel_cache' in state:
-        state['_kernel_cache'] = None
-    return state
-
-
 class DclsPositions(nn.Module):
     """Positions ``P`` (and widths ``SIG`` for ``gauss``) shared by several DCLS layers.
 
@@ -64,7 +59,7 @@ class DclsPositions(nn.Module):
     def __init__(self, P: nn.Parameter, SIG: Optional[nn.Parameter], dilated_kernel_size: Tuple[int, ...]):
         super().__init__()
         self.dilated_kernel_size = tuple(dilated_kernel_size)
-        self.construction_cache = {}  # tap geometry of the current positions, shared by the layers using them
+        self.construction_cache = DerivedCache()  # tap geometry of the positions, shared by the layers using them
         self.P = P
         if SIG is None:
             self.register_parameter('SIG', None)
@@ -75,9 +70,6 @@ class DclsPositions(nn.Module):
     def clamp_parameters(self) -> None:
         """Clamp positions in place onto the grid: ``±(D // 2)`` per axis for odd D."""
         _clamp_(self.P, self.dilated_kernel_size)
-
-    def __getstate__(self):
-        return _without_caches(super().__getstate__())
 
     def extra_repr(self) -> str:
         return f'shape={tuple(self.P.shape)}, dilated_kernel_size={self.dilated_kernel_size}'
@@ -149,8 +141,8 @@ class _DclsNd(nn.Module):
         # it applies (channels-last, FFT weight gradient), kernels reused while no parameter changes and no
         # gradient is needed. False: the plain dense convolution (e.g. for FLOP counting).
         self.fast_path = True
-        self._kernel_cache = None
-        self.construction_cache = {}  # see DclsPositions; used while this layer owns its positions
+        self._kernel_cache = DerivedCache()
+        self.construction_cache = DerivedCache()  # see DclsPositions; used while this layer owns its positions
 
         shape = (out_channels, in_channels // groups, kernel_count)
         self.weight = nn.Parameter(torch.empty(shape, **dd))
@@ -201,9 +193,6 @@ class _DclsNd(nn.Module):
             if self.SIG is not None:
                 nn.init.constant_(self.SIG, SIG_INIT)
 
-    def __getstate__(self):
-        return _without_caches(super().__getstate__())
-
     def __getattr__(self, name: str):
         # P/SIG of a layer that shares its positions live in the DclsPositions module
         try:
@@ -237,9 +226,10 @@ class _DclsNd(nn.Module):
         tensors = [t for t in (self.weight, owner.P, owner.SIG) if t is not None]
         dynamic = not (torch.jit.is_tracing() or torch.compiler.is_compiling())  # host reads and Python state
         reuse = dynamic and not torch.is_grad_enabled()
-        if reuse and self._kernel_cache is not None:
-            size_, state, result = self._kernel_cache
-            if size_ == tuple(size) and state.matches(tensors):
+        key = tuple(size)
+        if reuse:
+            result = self._kernel_cache.get(tensors, key)
+            if result is not None:
                 return result
         # the window the positions span is read on the host: free on CPU, a stall of the stream per layer on GPUs
         support = None
@@ -260,13 +250,13 @@ class _DclsNd(nn.Module):
             padding.append(reach[-1])
         full = all(w == (0, d) for w, d in zip(window, self.dilated_kernel_size))
         kernel = construct_kernel(self.weight, owner.P, owner.SIG, self.dilated_kernel_size, self.version,
-                                  None if full else window, owner.construction_cache if dynamic else None)
+                                  None if full else window, owner.construction_cache)
         for axis, ((start, stop), r) in enumerate(zip(window, reach)):
             if r is not None and 2 * r + 1 < stop - start:  # v1/gauss normalise over the window: crop after
                 kernel = kernel.narrow(2 + axis, (stop - start) // 2 - r, 2 * r + 1)
         result = kernel, tuple(padding)
         if reuse:
-            self._kernel_cache = (tuple(size), TensorState(tensors), result)
+            self._kernel_cache.put(tensors, key, result)
         return result
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

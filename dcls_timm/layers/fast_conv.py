@@ -16,8 +16,11 @@ __all__ = ['depthwise_conv2d', 'use_fast_depthwise']
 
 
 def use_fast_depthwise(x: torch.Tensor, weight: torch.Tensor, stride: Tuple[int, int], groups: int) -> bool:
-    """The fast path applies to CPU float32/64 depthwise 2-D convs with stride 1 and kernels of 7x7 or more."""
+    """The fast path applies to CPU float32/64 depthwise 2-D convs with stride 1 and kernels of 7x7 or more, outside
+    autocast (which would run its forward in lower precision and hand its backward mixed dtypes)."""
     if x.device.type != 'cpu' or x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
+        return False
+    if torch.is_autocast_enabled('cpu'):
         return False
     if x.dim() != 4 or tuple(stride) != (1, 1) or not (groups == x.shape[1] == weight.shape[0]) or weight.shape[1] != 1:
         return False

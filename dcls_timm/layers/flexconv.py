@@ -2,9 +2,9 @@
 
 The kernel is a function of coordinates on a ``[-1, 1]^dim`` grid of ``kernel_size`` points per axis. FlexConv
 multiplies it by a Gaussian mask with learnable width (and centre) and crops the grid to where the mask exceeds 0.1,
-so the kernel grows as the mask widens. The crop size is a host-side integer: it is cached and recomputed only when
-the mask parameters have changed (``update_crop_sizes_`` does all layers with one host transfer, after each optimizer
-step), so a forward pass does not synchronise with the device per layer.
+so the kernel grows as the mask widens. The crop size is a host-side integer, so each forward reads the mask's
+width (and centre) on the host: always current, whatever changed the parameters; on a GPU one small read per layer,
+as in the authors' code.
 """
 import math
 from typing import List, Optional, Sequence, Tuple
@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
 from .magnet import MAGNet, coordinate_grid
-from .tensor_state import TensorState
 
-__all__ = ['CKConv', 'FlexConv', 'SeparableFlexConv', 'fft_conv', 'continuous_convs', 'update_crop_sizes_',
+__all__ = ['CKConv', 'FlexConv', 'SeparableFlexConv', 'fft_conv', 'continuous_convs',
            'set_kernel_resolution', 'anti_aliasing_loss', 'MASK_THRESHOLD']
 
 MASK_THRESHOLD = 0.1
@@ -74,8 +73,11 @@ class _ContinuousConvNd(nn.Module):
             mask_learn_mean: bool = True,
             bias: bool = True,
             fft: str = 'auto',
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         if dim not in _CONV_FNS:
             raise ValueError(f'dim must be 1, 2 or 3, got {dim}.')
         if kernel_size < 1 or kernel_size % 2 == 0:
@@ -90,26 +92,17 @@ class _ContinuousConvNd(nn.Module):
         self.train_kernel_size = kernel_size  # grid it was trained on (kernel values scale with the ratio)
         self.fft = fft
         self.kernel_net = MAGNet(dim, in_channels if depthwise else in_channels * out_channels, hidden,
-                                 num_layers, omega_0=omega_0, mask_init=mask_init)
+                                 num_layers, omega_0=omega_0, mask_init=mask_init, **dd)
         self.has_mask = mask
         if mask:
-            self.mask_sigma = nn.Parameter(torch.full((dim,), float(mask_init)))
+            self.mask_sigma = nn.Parameter(torch.full((dim,), float(mask_init), **dd))
             if mask_learn_mean:
-                self.mask_mean = nn.Parameter(torch.zeros(dim))
+                self.mask_mean = nn.Parameter(torch.zeros(dim, **dd))
             else:
-                self.register_buffer('mask_mean', torch.zeros(dim))
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        self._crop: Optional[Tuple[int, ...]] = None
-        self._crop_key = None
+                self.register_buffer('mask_mean', torch.zeros(dim, **dd))
+        self.bias = nn.Parameter(torch.zeros(out_channels, **dd)) if bias else None
 
     # -- cropping -------------------------------------------------------------------------------------------------
-    def _crop_is_current(self) -> bool:
-        """The cached crop was computed for this grid size and these mask parameters, unchanged since."""
-        if self._crop is None:
-            return False
-        kernel_size, state = self._crop_key
-        return kernel_size == self.kernel_size and state.matches([self.mask_sigma, self.mask_mean])
-
     def _half_widths_from(self, sigma: Sequence[float], mean: Sequence[float]) -> Tuple[int, ...]:
         full = (self.kernel_size - 1) // 2
         step = 2. / (self.kernel_size - 1) if self.kernel_size > 1 else 1.
@@ -117,19 +110,14 @@ class _ContinuousConvNd(nn.Module):
         return tuple(min(full, int(math.floor((abs(m) + (abs(s) + _SIGMA_EPS) * _MASK_RADIUS) / step + 1e-6)))
                      for s, m in zip(sigma, mean))
 
-    def set_crop_from(self, sigma: Sequence[float], mean: Sequence[float]) -> None:
-        self._crop = self._half_widths_from(sigma, mean)
-        self._crop_key = (self.kernel_size, TensorState([self.mask_sigma, self.mask_mean]))
-
     def crop_half_widths(self) -> Tuple[int, ...]:
-        """Half sizes of the cropped kernel per axis (host ints; recomputed only after the mask changed)."""
-        if not self.has_mask:
-            return ((self.kernel_size - 1) // 2,) * self.dim
-        if not self._crop_is_current():
-            with torch.no_grad():
-                values = torch.cat([self.mask_sigma.detach(), self.mask_mean.detach()]).float().cpu().tolist()
-            self.set_crop_from(values[:self.dim], values[self.dim:])
-        return self._crop
+        """Half sizes of the cropped kernel per axis, from the mask's current parameters (read on the host)."""
+        full = ((self.kernel_size - 1) // 2,) * self.dim
+        if not self.has_mask or self.mask_sigma.device.type == 'meta':  # meta tensors have no values to crop by
+            return full
+        with torch.no_grad():
+            values = torch.cat([self.mask_sigma.detach(), self.mask_mean.detach()]).float().cpu().tolist()
+        return self._half_widths_from(values[:self.dim], values[self.dim:])
 
     def kernel_sizes(self) -> Tuple[int, ...]:
         return tuple(2 * h + 1 for h in self.crop_half_widths())
@@ -201,10 +189,11 @@ class SeparableFlexConv(nn.Module):
     """Depthwise FlexConv (MAGNet outputs one kernel per input channel) followed by a pointwise conv."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 33, dim: int = 2,
-                 bias: bool = True, **kwargs):
+                 bias: bool = True, device=None, dtype=None, **kwargs):
         super().__init__()
-        self.depthwise = FlexConv(in_channels, in_channels, kernel_size, dim=dim, depthwise=True, **kwargs)
-        self.pointwise = _CONV_FNS_MODULES[dim](in_channels, out_channels, 1, bias=bias)
+        dd = {'device': device, 'dtype': dtype}
+        self.depthwise = FlexConv(in_channels, in_channels, kernel_size, dim=dim, depthwise=True, **dd, **kwargs)
+        self.pointwise = _CONV_FNS_MODULES[dim](in_channels, out_channels, 1, bias=bias, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pointwise(self.depthwise(x))
@@ -220,20 +209,6 @@ for _cls in (_ContinuousConvNd, CKConv, FlexConv):
 def continuous_convs(model: nn.Module) -> List[_ContinuousConvNd]:
     """All CKConv/FlexConv layers of a model (depthwise parts of separable ones included)."""
     return [m for m in model.modules() if isinstance(m, _ContinuousConvNd)]
-
-
-def update_crop_sizes_(model: nn.Module) -> None:
-    """Recompute the crop sizes of every masked layer with one host transfer (call after each optimizer step)."""
-    layers = [m for m in continuous_convs(model) if m.has_mask]
-    if not layers:
-        return
-    with torch.no_grad():
-        flat = torch.cat([torch.cat([m.mask_sigma.detach(), m.mask_mean.detach()]).float() for m in layers])
-        values = flat.cpu().tolist()
-    i = 0
-    for m in layers:
-        m.set_crop_from(values[i:i + m.dim], values[i + m.dim:i + 2 * m.dim])
-        i += 2 * m.dim
 
 
 def set_kernel_resolution(model: nn.Module, kernel_size: int) -> int:

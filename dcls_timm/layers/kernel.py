@@ -18,7 +18,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from .tensor_state import TensorState
+from .derived_cache import DerivedCache
 
 __all__ = ['DCLS_VERSIONS', 'SIG_OFFSET', 'SIG_INIT', 'construct_kernel', 'interpolation_profiles', 'position_window']
 
@@ -157,15 +157,14 @@ def _tap_geometry(P: torch.Tensor, sizes: Sequence[int], window: Sequence[Tuple[
     return _TapGeometry(index, weights, rows, cols, row_slopes, col_slopes, (n0, n1))
 
 
-def _cached_geometry(P: torch.Tensor, sizes, window, version: str, cache: Optional[dict]) -> _TapGeometry:
+def _cached_geometry(P: torch.Tensor, sizes, window, version: str, cache: Optional[DerivedCache]) -> _TapGeometry:
     if cache is None:
         return _tap_geometry(P, sizes, window, version)
     key = (tuple(sizes), tuple(window), version)
-    hit = cache.get('geometry')
-    if hit is not None and hit[0] == key and hit[1].matches([P]):
-        return hit[2]
-    geometry = _tap_geometry(P, sizes, window, version)
-    cache['geometry'] = (key, TensorState([P]), geometry)
+    geometry = cache.get([P], key)
+    if geometry is None:
+        geometry = _tap_geometry(P, sizes, window, version)
+        cache.put([P], key, geometry)
     return geometry
 
 
@@ -238,7 +237,7 @@ def construct_kernel(
         dilated_kernel_size: Sequence[int],
         version: str,
         window: Optional[Sequence[Tuple[int, int]]] = None,
-        cache: Optional[dict] = None,
+        cache: Optional[DerivedCache] = None,
 ) -> torch.Tensor:
     """Build the dense kernel ``[C_out, C_in/g, *dilated_kernel_size]`` of a DCLS layer.
 
@@ -251,8 +250,9 @@ def construct_kernel(
         window: Optional ``(start, stop)`` taps per axis: build only that part of the kernel. Exact for ``v0``
             (the kernel's restriction) and for ``v1`` when it holds every element's taps (:func:`position_window`;
             ``v1`` normalises over the window); not for ``gauss``.
-        cache: Optional dict, owned by whoever owns ``P``, in which 2-D ``v0``/``v1`` construction keeps the tap
-            geometry of the current positions for the layers sharing them and for the backward pass.
+        cache: Optional :class:`DerivedCache`, owned by whoever owns ``P``, in which 2-D ``v0``/``v1``
+            construction keeps the tap geometry of the current positions for the layers sharing them and for the
+            backward pass.
 
     Returns:
         The dense kernel (or its window), differentiable w.r.t. ``weight``, ``P`` and ``SIG``.

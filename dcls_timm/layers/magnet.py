@@ -19,11 +19,14 @@ class _GaborFilter(nn.Module):
     """``exp(-1/2 sum_d (gamma_cd (x_d - mu_cd))^2) * sin(W_c . x + b_c)`` for ``hidden`` channels c."""
 
     def __init__(self, dim: int, hidden: int, layer: int, num_filters: int, alpha: float, beta: float,
-                 omega_0: float, mu_scale: float):
+                 omega_0: float, mu_scale: float, device=None, dtype=None):
         super().__init__()
-        self.linear = nn.Linear(dim, hidden)
-        self.gamma = nn.Parameter(torch.distributions.Gamma(alpha / (layer + 1), beta).sample((hidden, dim)))
-        self.mu = nn.Parameter(mu_scale * torch.empty(hidden, dim).uniform_(-1., 1.))
+        self.linear = nn.Linear(dim, hidden, device=device, dtype=dtype)
+        # no argument validation: it reads values on the host, which meta tensors (timm's cheap init) do not have
+        concentration = torch.full((hidden, dim), alpha / (layer + 1), device=device, dtype=dtype)
+        gamma = torch.distributions.Gamma(concentration, torch.full_like(concentration, beta), validate_args=False)
+        self.gamma = nn.Parameter(gamma.sample())
+        self.mu = nn.Parameter(mu_scale * torch.empty(hidden, dim, device=device, dtype=dtype).uniform_(-1., 1.))
         with torch.no_grad():
             # frequencies scale with the envelope width, so narrow envelopes carry low frequencies
             self.linear.weight.mul_(omega_0 / math.sqrt(num_filters) * self.gamma)
@@ -52,6 +55,8 @@ class MAGNet(nn.Module):
             beta: float = 1.,
             omega_0: float = 25.6,
             mask_init: float = 0.075,
+            device=None,
+            dtype=None,
     ):
         """
         Args:
@@ -66,11 +71,12 @@ class MAGNet(nn.Module):
         super().__init__()
         self.dim = dim
         self.num_layers = num_layers
+        dd = {'device': device, 'dtype': dtype}
         n = num_layers + 1
         self.filters = nn.ModuleList(
-            [_GaborFilter(dim, hidden, l, n, alpha, beta, omega_0, 1.667 * mask_init) for l in range(n)])
-        self.linears = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(num_layers)])
-        self.output = nn.Linear(hidden, out_features)
+            [_GaborFilter(dim, hidden, l, n, alpha, beta, omega_0, 1.667 * mask_init, **dd) for l in range(n)])
+        self.linears = nn.ModuleList([nn.Linear(hidden, hidden, **dd) for _ in range(num_layers)])
+        self.output = nn.Linear(hidden, out_features, **dd)
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
         """``[N, dim]`` coordinates to ``[N, out_features]`` values."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from dcls_timm.layers import (
-    anti_aliasing_loss, clamp_positions_, continuous_convs, position_owners, position_parameters, update_crop_sizes_,
+    anti_aliasing_loss, clamp_positions_, continuous_convs, position_owners, position_parameters,
 )
 
 from .groups import ParamRule, special_param_groups
@@ -70,7 +70,7 @@ class DclsRecipe:
 
 @dataclass
 class FlexConvRecipe:
-    """The FlexConv recipe's parts: mask lr scale, anti-aliasing loss, crop sizes refreshed once per step.
+    """The FlexConv recipe's parts: mask lr scale, anti-aliasing loss.
 
     Attributes:
         mask_lr_scale: lr multiplier of the Gaussian-mask parameters.
@@ -99,7 +99,7 @@ class FlexConvRecipe:
         return {'antialias_loss': anti_aliasing_loss(model, self.antialias_factor, self.antialias_target)}
 
     def after_optimizer_step(self, model: nn.Module) -> None:
-        update_crop_sizes_(model)
+        """Nothing to do: FlexConv reads its mask, so its crop size, at every forward pass."""
 
 
 class CompositeRecipe:
