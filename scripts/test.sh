@@ -4,6 +4,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh || exit 1
 VENV=${VENV:-.venv}
+# timm's own model tests for the installed timm (tests/timm_contract/): fetched once from PyPI
+"$VENV/bin/python" scripts/fetch_timm_tests.py || exit 1
 "$VENV/bin/python" -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

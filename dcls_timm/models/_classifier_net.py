@@ -3,6 +3,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.layers import get_device_dtype
 from timm.models._features import feature_take_indices
 
 __all__ = ['StemBlocksClassifier']
@@ -24,7 +25,7 @@ class StemBlocksClassifier(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        self.head.reset(num_classes, global_pool, **get_device_dtype(self))  # a new head where the model is
 
     def forward_intermediates(
             self,

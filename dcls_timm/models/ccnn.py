@@ -23,14 +23,16 @@ __all__ = ['CCNN', 'CCNNBlock']
 class CCNNBlock(nn.Module):
     """Pre-norm residual block around a separable FlexConv and a pointwise linear layer."""
 
-    def __init__(self, channels: int, kernel_size: int, hidden: int, dropout: float, mask_init: float, fft: str):
+    def __init__(self, channels: int, kernel_size: int, hidden: int, dropout: float, mask_init: float, fft: str,
+                 device=None, dtype=None):
         super().__init__()
-        self.norm = nn.BatchNorm2d(channels)
+        dd = {'device': device, 'dtype': dtype}
+        self.norm = nn.BatchNorm2d(channels, **dd)
         self.conv = SeparableFlexConv(channels, channels, kernel_size, hidden=hidden, mask_init=mask_init,
-                                      mask_learn_mean=False, fft=fft)
+                                      mask_learn_mean=False, fft=fft, **dd)
         self.act1 = nn.GELU()
         self.drop = nn.Dropout(dropout)
-        self.linear = nn.Conv2d(channels, channels, 1)
+        self.linear = nn.Conv2d(channels, channels, 1, **dd)
         self.act2 = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,6 +55,8 @@ class CCNN(StemBlocksClassifier):
             global_pool: str = 'avg',
             mask_init: float = 0.075,
             fft: str = 'auto',
+            device=None,
+            dtype=None,
     ):
         """
         Args:
@@ -65,21 +69,23 @@ class CCNN(StemBlocksClassifier):
             dropout: Dropout inside the blocks (a default, not a paper-verified value).
             drop_rate: Dropout before the classifier.
             global_pool, mask_init, fft: Pooling type, initial mask sigma, FFT use.
+            device, dtype: Where and in which dtype to create the parameters.
         """
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.stem = nn.Sequential(
             SeparableFlexConv(in_chans, width, kernel_size, hidden=hidden, mask_init=mask_init,
-                              mask_learn_mean=False, fft=fft),
-            nn.BatchNorm2d(width), nn.GELU())
-        self.blocks = nn.Sequential(*[CCNNBlock(width, kernel_size, hidden, dropout, mask_init, fft)
+                              mask_learn_mean=False, fft=fft, **dd),
+            nn.BatchNorm2d(width, **dd), nn.GELU())
+        self.blocks = nn.Sequential(*[CCNNBlock(width, kernel_size, hidden, dropout, mask_init, fft, **dd)
                                       for _ in range(depth)])
-        self.norm = nn.BatchNorm2d(width)
+        self.norm = nn.BatchNorm2d(width, **dd)
         self.feature_info = [dict(num_chs=width, reduction=1, module='stem.2')] + [
             dict(num_chs=width, reduction=1, module=f'blocks.{i}') for i in range(depth)]
         self.num_features = self.head_hidden_size = width
-        self.head = ClassifierHead(width, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.head = ClassifierHead(width, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -93,9 +99,10 @@ def _create_ccnn(variant: str, pretrained: bool = False, **kwargs) -> CCNN:
 
 def _cfg(**kwargs) -> Dict[str, Any]:
     return {
-        'url': '', 'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': None, 'crop_pct': 1.0,
+        'url': '', 'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (32, 32), 'crop_pct': 1.0,
         'interpolation': 'bilinear', 'mean': (0.4914, 0.4822, 0.4465), 'std': (0.2470, 0.2435, 0.2616),
-        'first_conv': 'stem.0.depthwise', 'classifier': 'head.fc', 'paper_ids': 'arXiv:2206.03398',
+        # the weights whose shape follows in_chans: the depthwise kernel network's output layer and the pointwise conv
+        'first_conv': ('stem.0.depthwise.kernel_net.output', 'stem.0.pointwise'), 'classifier': 'head.fc', 'paper_ids': 'arXiv:2206.03398',
         'paper_name': 'Towards a General Purpose CNN for Long Range Dependencies in ND', **kwargs,
     }
 

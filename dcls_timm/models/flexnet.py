@@ -23,15 +23,17 @@ __all__ = ['FlexNet', 'FlexNetBlock']
 class FlexNetBlock(nn.Module):
     """Residual block of two convolutions (FlexConv by default)."""
 
-    def __init__(self, in_chs: int, out_chs: int, conv_layer: Callable[[int, int], nn.Module], dropout: float = 0.2):
+    def __init__(self, in_chs: int, out_chs: int, conv_layer: Callable[[int, int], nn.Module], dropout: float = 0.2,
+                 device=None, dtype=None):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         self.conv1 = conv_layer(in_chs, out_chs)
-        self.bn1 = nn.BatchNorm2d(out_chs)
+        self.bn1 = nn.BatchNorm2d(out_chs, **dd)
         self.act1 = nn.ReLU(inplace=True)
         self.drop = nn.Dropout(dropout)
         self.conv2 = conv_layer(out_chs, out_chs)
-        self.bn2 = nn.BatchNorm2d(out_chs)
-        self.shortcut = nn.Conv2d(in_chs, out_chs, 1) if in_chs != out_chs else nn.Identity()
+        self.bn2 = nn.BatchNorm2d(out_chs, **dd)
+        self.shortcut = nn.Conv2d(in_chs, out_chs, 1, **dd) if in_chs != out_chs else nn.Identity()
         self.act2 = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,6 +57,8 @@ class FlexNet(StemBlocksClassifier):
             hidden: int = 32,
             mask_init: float = 0.075,
             fft: str = 'auto',
+            device=None,
+            dtype=None,
     ):
         """
         Args:
@@ -67,28 +71,31 @@ class FlexNet(StemBlocksClassifier):
             drop_rate: Dropout before the classifier.
             global_pool: timm pooling type.
             hidden, mask_init, fft: FlexConv settings (MAGNet width, initial mask sigma, FFT use).
+            device, dtype: Where and in which dtype to create the parameters.
         """
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         if conv_type == 'flex':
-            conv_layer = partial(FlexConv, kernel_size=kernel_size, hidden=hidden, mask_init=mask_init, fft=fft)
+            conv_layer = partial(FlexConv, kernel_size=kernel_size, hidden=hidden, mask_init=mask_init, fft=fft, **dd)
         elif conv_type == 'conv3':
-            conv_layer = partial(nn.Conv2d, kernel_size=3, padding=1)
+            conv_layer = partial(nn.Conv2d, kernel_size=3, padding=1, **dd)
         else:
             raise ValueError(f"conv_type must be 'flex' or 'conv3', got {conv_type!r}.")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
-        self.stem = nn.Sequential(conv_layer(in_chans, widths[0]), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            conv_layer(in_chans, widths[0]), nn.BatchNorm2d(widths[0], **dd), nn.ReLU(inplace=True))
         blocks, prev = [], widths[0]
         self.feature_info = [dict(num_chs=prev, reduction=1, module='stem.2')]
         for i, w in enumerate(widths):
-            blocks.append(FlexNetBlock(prev, w, conv_layer, dropout))
+            blocks.append(FlexNetBlock(prev, w, conv_layer, dropout, **dd))
             self.feature_info.append(dict(num_chs=w, reduction=1, module=f'blocks.{i}'))
             prev = w
         self.blocks = nn.Sequential(*blocks)
         self.norm = nn.Identity()
         self.num_features = self.head_hidden_size = prev
-        self.head = ClassifierHead(prev, num_classes, pool_type=global_pool, drop_rate=drop_rate, use_conv=True)
+        self.head = ClassifierHead(prev, num_classes, pool_type=global_pool, drop_rate=drop_rate, use_conv=True, **dd)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -102,15 +109,16 @@ def _create_flexnet(variant: str, pretrained: bool = False, **kwargs) -> FlexNet
 
 def _cfg(**kwargs) -> Dict[str, Any]:
     return {
-        'url': '', 'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': None, 'crop_pct': 1.0,
+        'url': '', 'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (32, 32), 'crop_pct': 1.0,
         'interpolation': 'bilinear', 'mean': (0.4914, 0.4822, 0.4465), 'std': (0.2470, 0.2435, 0.2616),
-        'first_conv': 'stem.0', 'classifier': 'head.fc', 'paper_ids': 'arXiv:2110.08059',
+        # the weights whose shape follows in_chans: the kernel network's output layer (C_out * C_in values)
+        'first_conv': 'stem.0.kernel_net.output', 'classifier': 'head.fc', 'paper_ids': 'arXiv:2110.08059',
         'paper_name': 'FlexConv: Continuous Kernel Convolutions with Differentiable Kernel Sizes', **kwargs,
     }
 
 
 default_cfgs = generate_default_cfgs({
-    'flexnet_3': _cfg(), 'flexnet_5': _cfg(), 'flexnet_7': _cfg(), 'flexnet_7_conv3': _cfg(),
+    'flexnet_3': _cfg(), 'flexnet_5': _cfg(), 'flexnet_7': _cfg(), 'flexnet_7_conv3': _cfg(first_conv='stem.0'),
 })
 
 

@@ -1,0 +1,44 @@
+"""Runs timm's own ``tests/test_models.py`` (fetched by ``scripts/fetch_timm_tests.py``) on the plugin's models.
+
+The smallest model of every family runs the whole file except TorchScript (the continuous-kernel layers are not
+scriptable) and pretrained-weight downloads; every other registered model runs the fast tests (forward, backward,
+config checks). timm's own models and its model-specific tests are deselected.
+"""
+import os
+
+import pytest
+
+import dcls_timm  # noqa: F401  (registers the models before timm's test module lists them)
+from dcls_timm.models import plugin_models
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# the smallest model of each family (one file of dcls_timm/models each)
+FULL = ('convnext_atto_dcls', 'convnext_tiny_dil2', 'resnet26_dcls', 'flexnet_3', 'ccnn_4_140')
+FAST_TESTS = ('test_model_forward', 'test_model_backward', 'test_model_default_cfgs')
+SKIPPED_TESTS = ('torchscript', 'pretrained', 'test_model_inference')
+MARKERS = ('base', 'cfg', 'cfg_nonstd', 'forward', 'backward', 'torchscript', 'features', 'fxforward', 'fxbackward',
+           'timeout')
+
+
+def pytest_configure(config):
+    for marker in MARKERS:  # timm's markers (declared in its pyproject, not here)
+        config.addinivalue_line('markers', f'{marker}: timm test marker')
+
+
+def _selected(item: pytest.Item, ours) -> bool:
+    callspec = getattr(item, 'callspec', None)
+    name = callspec.params.get('model_name') if callspec is not None else None
+    if name not in ours or any(s in item.name for s in SKIPPED_TESTS):
+        return False
+    return name in FULL or item.originalname in FAST_TESTS
+
+
+def pytest_collection_modifyitems(config, items):
+    ours = set(plugin_models())
+    kept, dropped = [], []
+    for item in items:
+        inside = str(item.path).startswith(HERE + os.sep)
+        (kept if not inside or _selected(item, ours) else dropped).append(item)
+    if dropped:
+        items[:] = kept
+        config.hook.pytest_deselected(items=dropped)
