@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--min-lr', type=float, default=1e-6)
     g.add_argument('--warmup-lr', type=float, default=1e-6)
     g.add_argument('--warmup-epochs', type=int, default=20)
-    g.add_argument('--warmup-prefix', action='store_true')
+    g.add_argument('--warmup-prefix', action='store_true',
+                   help='warm up before the --epochs of the schedule instead of inside them (total: their sum)')
     g.add_argument('--epochs', type=int, default=300)
     g.add_argument('--cooldown-epochs', type=int, default=0)
     g.add_argument('--decay-epochs', type=float, default=90)
