@@ -1,8 +1,9 @@
 """Evaluation suites (ImageNet, ImageNet-C/A/R, Sketch, Stylized) behind validate.py."""
+from dcls_timm.checkpoint import CheckpointMismatchError, load_weights
+
 from .classes import imagenet_wnids, subset_classes
 from .datasets import WnidImageFolder
 from .evaluator import evaluate_dataset
-from .loading import CheckpointMismatchError, load_weights
 from .metrics import ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS, ALL_CORRUPTIONS, CORRUPTIONS, corruption_summary
 from .runner import build_parser, main, run
 from .suites import SUITES

@@ -20,6 +20,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.convnext import ConvNeXt
 from timm.models.convnext import checkpoint_filter_fn as _fb_checkpoint_filter_fn
 
+from dcls_timm.checkpoint import share_block_positions
 from dcls_timm.layers import Dcls2d, share_positions
 
 __all__ = ['ConvNeXtDcls', 'ConvNeXtDenseDw', 'iso_param_kernel_count']
@@ -153,42 +154,25 @@ class ConvNeXtDenseDw(ConvNeXt):
         self.dw_dilation = dw_dilation
 
 
+_BLOCK_POSITIONS = r'^stages\.(?P<stage>\d+)\.blocks\.(?P<block>\d+)\.conv_dw\.(?P<name>P|SIG)$'
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtDcls) -> Dict[str, torch.Tensor]:
     """Adapt a checkpoint to ``model``: our own layout, or the upstream (Facebook ConvNeXt) layout.
 
-    Upstream checkpoints repeat the shared positions in every block (``stages.i.j.dwconv.P``); they are checked to
-    be equal and loaded once into ``stages.i.positions``. Per-stage positions are expanded for a model without
-    sharing. Upstream 2-D ``v1``/``gauss`` kernels index the axes in reverse order, so their P/SIG are flipped.
+    Upstream checkpoints repeat the shared positions in every block (``stages.i.j.dwconv.P``): for a model that
+    shares positions they are checked to agree and loaded once into ``stages.i.positions`` (blocks that disagree
+    raise ``CheckpointMismatchError``); a model built with ``dcls_shared_positions=False`` takes them per block.
+    Per-stage positions are expanded for a model without sharing. Upstream 2-D ``v1``/``gauss`` kernels index the
+    axes in reverse order, so their P/SIG are flipped.
     """
-    upstream = any(k.startswith('downsample_layers.') for k in state_dict) or 'model' in state_dict
+    upstream = 'model' in state_dict or any(k.startswith('downsample_layers.') for k in state_dict)
     if upstream:
         state_dict = _fb_checkpoint_filter_fn(state_dict, model)
-    flip = upstream and getattr(model, 'dcls_version', 'v0') != 'v0'
-    model_keys = set(model.state_dict())
-    out: Dict[str, torch.Tensor] = {}
-    for k, v in state_dict.items():
-        match = re.match(r'^stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.(P|SIG)$', k)
-        if match and flip:
-            v = v.flip(0)
-        if match and k not in model_keys:
-            stage, name = match.group(1), match.group(3)
-            target = f'stages.{stage}.positions.{name}'
-            if target in out and not torch.equal(out[target], v):
-                raise ValueError(
-                    f'The checkpoint has different {name} tensors in the blocks of stage {stage}; they cannot load '
-                    'into shared positions. Create the model with dcls_shared_positions=False.')
-            out[target] = v
-            continue
-        match = re.match(r'^stages\.(\d+)\.positions\.(P|SIG)$', k)
-        if match and k not in model_keys:
-            prefix = f'stages.{match.group(1)}.blocks.'
-            suffix = f'.conv_dw.{match.group(2)}'
-            for mk in model_keys:
-                if mk.startswith(prefix) and mk.endswith(suffix):
-                    out[mk] = v.clone()
-            continue
-        out[k] = v
-    return out
+        if getattr(model, 'dcls_version', 'v0') != 'v0':
+            block = re.compile(_BLOCK_POSITIONS)
+            state_dict = {k: v.flip(0) if block.match(k) else v for k, v in state_dict.items()}
+    return share_block_positions(state_dict, model, _BLOCK_POSITIONS, 'stages.{stage}.positions.{name}')
 
 
 def _create_convnext_dcls(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXtDcls:

@@ -8,10 +8,12 @@ timm's feature wrappers, which run the stages as whole modules, keep them.
 """
 from typing import Any, Dict, Optional
 
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
+from dcls_timm.checkpoint import share_block_positions
 from dcls_timm.layers import Dcls2d, share_positions
 
 __all__ = ['DclsBottleneck', 'ResNetDcls']
@@ -81,8 +83,24 @@ class ResNetDcls(ResNet):
                 stage[0].positions = share_positions([block.conv2 for block in stage])
 
 
+_BLOCK_POSITIONS = r'^layer(?P<stage>\d+)\.(?P<block>\d+)\.conv2\.(?P<name>P|SIG)$'
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ResNetDcls) -> Dict[str, torch.Tensor]:
+    """Adapt a checkpoint to ``model``: positions per block (``layerN.b.conv2.P``, the upstream ResNet-50-dcls
+    layout) or per stage (``layerN.0.positions.P``).
+
+    For a model that shares positions, per-block positions are checked to agree and loaded once per stage (blocks
+    that disagree raise ``CheckpointMismatchError``: build the model with ``dcls_shared_positions=False``); a model
+    without sharing takes per-block positions as they are and per-stage ones copied into every block. The upstream
+    file is ``v0`` with ``P[0]`` on rows, this project's convention: nothing is flipped.
+    """
+    return share_block_positions(state_dict, model, _BLOCK_POSITIONS, 'layer{stage}.0.positions.{name}',
+                                 'layer{stage}')
+
+
 def _create_resnet_dcls(variant: str, pretrained: bool = False, **kwargs) -> ResNetDcls:
-    return build_model_with_cfg(ResNetDcls, variant, pretrained, **kwargs)
+    return build_model_with_cfg(ResNetDcls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from timm.utils import CheckpointSaver, get_state_dict
 
+from dcls_timm.checkpoint import CheckpointError, read_checkpoint
+
 __all__ = ['AtomicCheckpointSaver', 'rng_state', 'set_rng_state', 'load_training_checkpoint', 'plain_args']
 
 
@@ -106,11 +108,17 @@ def _fsync(path: str) -> None:
 
 
 def load_training_checkpoint(path: str) -> Dict[str, Any]:
-    """Load a checkpoint written by :class:`AtomicCheckpointSaver` (safe ``weights_only`` unpickling)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'Checkpoint to resume not found: {path}')
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint or 'epoch' not in checkpoint:
-        raise ValueError(f'{path} is not a training checkpoint (no state_dict/epoch); use --initial-checkpoint to '
-                         'start from plain weights.')
+    """A checkpoint written by :class:`AtomicCheckpointSaver` (or timm's CheckpointSaver) for an exact resume.
+
+    Read by :func:`dcls_timm.checkpoint.read_checkpoint` (``weights_only``); its weights go into the model through
+    :func:`dcls_timm.checkpoint.load_into`, the same checks as ``--initial-checkpoint`` and validate.py.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        CheckpointError: the file is unreadable, or holds weights but no training state (``state_dict``, ``epoch``).
+    """
+    checkpoint = read_checkpoint(path)
+    if 'state_dict' not in checkpoint or 'epoch' not in checkpoint:
+        raise CheckpointError(f'{path} is not a training checkpoint (no state_dict/epoch), so --resume cannot '
+                              'continue it: use --initial-checkpoint to start from its weights.')
     return checkpoint

@@ -1,4 +1,5 @@
 """The training run behind train.py: set-up, epoch loop, logging, checkpoints."""
+import argparse
 import json
 import logging
 import os
@@ -13,7 +14,6 @@ import torch.nn as nn
 import yaml
 from timm.data import Mixup, FastCollateMixup, resolve_data_config
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import clean_state_dict
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import (
@@ -21,6 +21,7 @@ from timm.utils import (
     update_summary,
 )
 
+from dcls_timm.checkpoint import load_into, load_weights, pick_weights
 from dcls_timm.errors import ConfigError, check_model_name
 from dcls_timm.recipe import CompositeRecipe, DclsRecipe, FlexConvRecipe, PositionMonitor
 
@@ -29,7 +30,7 @@ from .config import parse_args
 from .data import build_dataset, build_loader
 from .engine import evaluate, train_one_epoch
 
-__all__ = ['run', 'main']
+__all__ = ['run', 'main', 'build_model', 'build_optimizer', 'build_scheduler']
 
 _logger = logging.getLogger('train')
 
@@ -88,6 +89,60 @@ def _losses(args: Any, mixup_active: bool):
     return train, nn.CrossEntropyLoss()
 
 
+def build_optimizer(args: Any, model: nn.Module, recipe: Optional[CompositeRecipe] = None) -> torch.optim.Optimizer:
+    """timm's optimizer with the recipe's parameter groups (e.g. DCLS positions with ``lr_scale``), as train.py
+    builds it. Resolves ``args.lr`` first (``args.world_size`` must be set)."""
+    args.lr = _resolve_lr(args)
+    opt_kwargs = optimizer_kwargs(args)
+    if recipe is not None:
+        opt_kwargs['param_group_fn'] = partial(
+            recipe.param_groups, weight_decay=args.weight_decay, layer_decay=args.layer_decay)
+    return create_optimizer_v2(model, **opt_kwargs)
+
+
+def build_scheduler(args: Any, optimizer: torch.optim.Optimizer, updates_per_epoch: int, start_epoch: int = 0,
+                    state: Optional[Dict[str, Any]] = None):
+    """timm's scheduler as train.py builds it, positioned at ``start_epoch``; returns (scheduler, total epochs).
+
+    The training loop then calls ``step_update(num_updates)`` after every optimizer update and
+    ``step(epoch + 1, metric)`` after every epoch; timm acts on the one that matches ``--sched-on-updates``. With
+    ``--warmup-prefix`` the warm-up comes before the ``--epochs`` of the schedule, so the total is their sum.
+    """
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args, decreasing_metric='loss' in args.eval_metric),
+        updates_per_epoch=updates_per_epoch)
+    if lr_scheduler is not None:
+        if state is not None:
+            lr_scheduler.load_state_dict(state)
+        if start_epoch > 0:  # as timm's train.py: a per-update schedule ignores step(epoch)
+            if args.sched_on_updates:
+                lr_scheduler.step_update(start_epoch * updates_per_epoch)
+            else:
+                lr_scheduler.step(start_epoch)
+    return lr_scheduler, num_epochs
+
+
+def build_model(args: Any) -> nn.Module:
+    """The run's model: ``timm.create_model`` with the run's arguments, then the ``--initial-checkpoint`` weights.
+
+    The initial checkpoint goes through the project's loader (:func:`dcls_timm.checkpoint.load_weights`, as
+    validate.py): a train.py/timm checkpoint (its EMA weights when it has them, as timm's ``checkpoint_path`` did),
+    a plain state dict, or an upstream layout the model's filter converts (ConvNeXt-dcls, ResNet-50-dcls).
+    """
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    try:
+        model = timm.create_model(
+            args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
+            drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp, **args.model_kwargs)
+    except TypeError as e:
+        raise ConfigError(f"Cannot create model '{args.model}' with these arguments: {e}") from None
+    if args.initial_checkpoint:
+        info = load_weights(model, args.initial_checkpoint, use_ema=None)
+        if getattr(args, 'rank', 0) == 0:
+            _logger.info(f"Initial weights: {info['entry'] or 'state dict'} of {args.initial_checkpoint}")
+    return model
+
+
 def run(args: Any) -> Dict[str, Any]:
     """Train with parsed arguments; returns the final metrics and where the outputs are."""
     if args.device is None:
@@ -106,14 +161,7 @@ def run(args: Any) -> Dict[str, Any]:
                           f'the {len(dataset_train)} training images: lower -b/--batch-size.')
     dataset_eval = build_dataset(args, args.val_split, is_training=False) if args.val_split else None
 
-    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
-    try:
-        model = timm.create_model(
-            args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
-            drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp,
-            checkpoint_path=args.initial_checkpoint or None, **args.model_kwargs)
-    except TypeError as e:
-        raise ConfigError(f"Cannot create model '{args.model}' with these arguments: {e}") from None
+    model = build_model(args)
     if args.num_classes is None:
         args.num_classes = model.num_classes
     _check_num_classes(dataset_train, args.num_classes)
@@ -134,25 +182,22 @@ def run(args: Any) -> Dict[str, Any]:
     loss_scaler = NativeScaler(device=device.type) if args.amp and amp_dtype == torch.float16 else None
 
     recipe = _recipe(args, model)
-    args.lr = _resolve_lr(args)
-    opt_kwargs = optimizer_kwargs(args)
-    if recipe is not None:
-        opt_kwargs['param_group_fn'] = partial(
-            recipe.param_groups, weight_decay=args.weight_decay, layer_decay=args.layer_decay)
-        if primary:
-            _logger.info(f'DCLS recipe: {recipe}')
-    optimizer = create_optimizer_v2(model, **opt_kwargs)
+    if recipe is not None and primary:
+        _logger.info(f'DCLS recipe: {recipe}')
+    optimizer = build_optimizer(args, model, recipe)
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) \
         if args.model_ema else None
 
     checkpoint = load_training_checkpoint(args.resume) if args.resume else None
     start_epoch = 0
     if checkpoint is not None:
-        model.load_state_dict(clean_state_dict(checkpoint['state_dict']))
-        if model_ema is not None and 'state_dict_ema' in checkpoint:
-            model_ema.module.load_state_dict(clean_state_dict(checkpoint['state_dict_ema']))
+        load_into(model, pick_weights(checkpoint, args.resume)[1], args.resume)
+        if model_ema is not None:  # the EMA weights, or the model's where the run had no EMA
+            load_into(model_ema.module, pick_weights(checkpoint, args.resume, use_ema=None)[1], args.resume)
         if not args.no_resume_opt:
-            saved_opt = checkpoint.get('args', {}).get('opt', args.opt)
+            saved_args = checkpoint.get('args')
+            saved_args = vars(saved_args) if isinstance(saved_args, argparse.Namespace) else saved_args
+            saved_opt = saved_args.get('opt', args.opt) if isinstance(saved_args, dict) else args.opt
             if saved_opt != args.opt:
                 raise ConfigError(f'{args.resume} was trained with --opt {saved_opt}, this run uses --opt {args.opt}: '
                                   'add --no-resume-opt to start a fresh optimizer.')
@@ -191,13 +236,9 @@ def run(args: Any) -> Dict[str, Any]:
     train_loss_fn, eval_loss_fn = train_loss_fn.to(device), eval_loss_fn.to(device)
 
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric='loss' in args.eval_metric),
-        updates_per_epoch=updates_per_epoch)
-    if checkpoint is not None and 'lr_scheduler' in checkpoint:
-        lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-    if start_epoch > 0:
-        lr_scheduler.step(start_epoch)
+    lr_scheduler, num_epochs = build_scheduler(
+        args, optimizer, updates_per_epoch, start_epoch=start_epoch,
+        state=checkpoint.get('lr_scheduler') if checkpoint is not None else None)
 
     output_dir, saver, writer = None, None, None
     if primary:

@@ -1,0 +1,321 @@
+"""One way to read weights into a model, shared by train.py (``--initial-checkpoint``, ``--resume``) and validate.py.
+
+Each step is its own function, so callers that need more than the weights (``--resume``) reuse the same reading
+and validation:
+
+1. :func:`read_checkpoint`: ``torch.load(weights_only=True)``, allowing only ``argparse.Namespace`` on top of
+   tensors and plain values (timm's ``CheckpointSaver`` stores the run's arguments as one). A missing file raises
+   ``FileNotFoundError``; anything that does not unpickle into a dict raises ``CheckpointError``
+   ("<path> is not a readable checkpoint (<reason>)").
+2. :func:`pick_weights`: the weights entry (``state_dict_ema``/``model_ema`` for EMA weights, else
+   ``state_dict``/``model``, else the file itself when it is a plain state dict), ``module.``/``_orig_mod.``
+   prefixes stripped.
+3. :func:`fit_weights`: the model's checkpoint filter (layout conversion, see :func:`model_filter`), then keys and
+   shapes checked against the model: one ``CheckpointMismatchError`` naming what does not fit.
+4. :func:`load_into` (3 + ``load_state_dict``) and :func:`load_weights` (1 to 3 for a file).
+
+:func:`share_block_positions` is the layout helper the DCLS models' ``checkpoint_filter_fn`` use to move positions
+between per-block keys (upstream checkpoints repeat a stage's shared positions in every block) and a stage's shared
+``DclsPositions``.
+
+Every error is a ``ConfigError`` (or ``FileNotFoundError``), which train.py and validate.py print as one line.
+"""
+import argparse
+import contextlib
+import math
+import os
+import pickle
+import re
+import sys
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.models import clean_state_dict
+
+from dcls_timm.errors import ConfigError
+
+__all__ = [
+    'CheckpointError', 'CheckpointMismatchError', 'POSITION_ATOL', 'FilterFn', 'read_checkpoint', 'pick_weights',
+    'model_filter', 'fit_weights', 'load_into', 'load_weights', 'share_block_positions',
+]
+
+FilterFn = Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]
+
+EMA_KEYS = ('state_dict_ema', 'model_ema')
+MODEL_KEYS = ('state_dict', 'model')
+
+# Per-block copies of shared positions must agree to this many grid cells (absolute). Copies written from one
+# shared parameter are bit-identical; the tolerance only forgives a few float32 ulps (e.g. a dtype round trip),
+# far below anything that moves a kernel element visibly. The first block's copy is the one loaded.
+POSITION_ATOL = 1e-5
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used: unreadable, not a checkpoint, or without the weights asked for."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint lacks the weights asked for, or they do not fit the model (keys, shapes, or per-block
+    positions that a model sharing them per stage cannot hold)."""
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    text = ' '.join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def _unreadable_reason(e: BaseException) -> str:
+    """A short reason for a failed ``torch.load`` (torch's own messages span many lines)."""
+    msg = str(e)
+    if isinstance(e, pickle.UnpicklingError):
+        unsafe = re.search(r'Unsupported global: GLOBAL (\S+)', msg)
+        if unsafe:
+            return (f'it pickles {unsafe.group(1)}, which weights-only loading refuses; save tensors and plain '
+                    'values, e.g. model.state_dict()')
+        return 'not a torch checkpoint'  # torch's detail ("Unsupported operand 149") says nothing more
+    if isinstance(e, RuntimeError) and 'zip archive' in msg:
+        detail = re.search(r'zip archive: ([^.]+)', msg)
+        return 'truncated or corrupt' + (f': {detail.group(1)}' if detail else '')
+    if isinstance(e, EOFError):
+        return 'empty or truncated file'
+    if isinstance(e, OSError) and e.errno == 22:  # a zip directory that points past the end of the file
+        return 'truncated or corrupt'
+    if isinstance(e, (KeyError, IndexError, ValueError, UnicodeDecodeError)):  # the unpickler on arbitrary bytes
+        return 'not a torch checkpoint'
+    return f'{type(e).__name__}: {_one_line(msg, 100)}'
+
+
+def _allow_namespace():
+    """A context allowing ``argparse.Namespace`` in weights-only loading (torch >= 2.5; older torch refuses it)."""
+    safe_globals = getattr(torch.serialization, 'safe_globals', None)
+    return safe_globals([argparse.Namespace]) if safe_globals is not None else contextlib.nullcontext()
+
+
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """The dict stored in ``path``, read with ``torch.load(weights_only=True)`` onto the CPU.
+
+    ``argparse.Namespace`` is the one type allowed beyond tensors and plain values.
+
+    Raises:
+        FileNotFoundError: ``Checkpoint not found: <path>``.
+        CheckpointError: ``<path> is not a readable checkpoint (<reason>)`` for a truncated or corrupt file, a file
+            that is not a torch checkpoint, one that needs unsafe unpickling, or one that holds no dict.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'Checkpoint not found: {path}')
+    try:
+        with _allow_namespace(), warnings.catch_warnings():
+            # torch warns before failing on plain pickles (protocol > 2); the failure says all there is to say
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except (MemoryError, FileNotFoundError):
+        raise
+    except Exception as e:  # torch raises many types for bad files; each becomes one line
+        raise CheckpointError(f'{path} is not a readable checkpoint ({_unreadable_reason(e)})') from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'{path} is not a readable checkpoint (it holds a {type(checkpoint).__name__}, '
+                              'not a dict of weights)')
+    return checkpoint
+
+
+def _is_state_dict(d: Any) -> bool:
+    return isinstance(d, dict) and bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def pick_weights(
+        checkpoint: Dict[str, Any],
+        path: str,
+        use_ema: Optional[bool] = False,
+) -> Tuple[Optional[str], Dict[str, torch.Tensor]]:
+    """The weights entry of ``checkpoint`` and its name (None for a plain state dict), wrapper prefixes stripped.
+
+    Args:
+        checkpoint: What :func:`read_checkpoint` returned.
+        path: The file, for messages.
+        use_ema: True: the EMA weights (``state_dict_ema``, ``model_ema``), an error if absent. False: the model
+            weights (``state_dict``, ``model``, or the file itself as a plain state dict). None: the EMA weights
+            when the file has them, else the model weights (what timm's ``create_model(checkpoint_path=...)`` did).
+    """
+    keys = {True: EMA_KEYS, False: MODEL_KEYS, None: EMA_KEYS + MODEL_KEYS}[use_ema]
+    for key in keys:
+        if _is_state_dict(checkpoint.get(key)):
+            return key, clean_state_dict(checkpoint[key])
+    if use_ema:
+        raise CheckpointMismatchError(f'{path} has no EMA weights (state_dict_ema / model_ema); load its model '
+                                      'weights instead (without --use-ema).')
+    if _is_state_dict(checkpoint):
+        return None, clean_state_dict(checkpoint)
+    entries = ', '.join(sorted(map(str, checkpoint))[:8]) or 'none'
+    raise CheckpointMismatchError(f'{path} holds no weights: no state_dict/model entry and not a plain state '
+                                  f'dict (entries: {entries}).')
+
+
+def model_filter(model: nn.Module) -> Optional[FilterFn]:
+    """The layout filter of a dcls_timm model: ``checkpoint_filter_fn`` of the module that defines its class.
+
+    timm's convention (each model module defines ``checkpoint_filter_fn(state_dict, model)``); applied to
+    dcls_timm's models only, whose filters leave this project's own layout unchanged.
+    """
+    module = sys.modules.get(type(model).__module__)
+    if module is None or not module.__name__.startswith('dcls_timm.'):
+        return None
+    return getattr(module, 'checkpoint_filter_fn', None)
+
+
+def _show(keys: List[str]) -> str:
+    return ', '.join(keys[:8]) + (f' ... ({len(keys)} in all)' if len(keys) > 8 else '')
+
+
+def fit_weights(
+        model: nn.Module,
+        state_dict: Dict[str, torch.Tensor],
+        path: str,
+        filter_fn: Optional[FilterFn] = None,
+) -> Dict[str, torch.Tensor]:
+    """``state_dict`` converted to ``model``'s layout and checked to fit it exactly (keys and shapes).
+
+    Args:
+        model: The model to load into.
+        state_dict: Weights from :func:`pick_weights`.
+        path: The file, for messages.
+        filter_fn: Layout conversion ``(state_dict, model) -> state_dict``; None: :func:`model_filter`.
+
+    Raises:
+        CheckpointMismatchError: one line naming missing and unexpected keys, shape mismatches, or the stages whose
+            per-block positions disagree while the model shares them.
+    """
+    name = type(model).__name__
+    filter_fn = filter_fn or model_filter(model)
+    if filter_fn is not None:
+        try:
+            state_dict = filter_fn(state_dict, model)
+        except CheckpointError as e:
+            raise CheckpointMismatchError(f'{path} does not fit {name}: {e}') from None
+        except (KeyError, ValueError, RuntimeError, IndexError) as e:
+            raise CheckpointMismatchError(f'{path} does not fit {name}: its layout conversion failed '
+                                          f'({type(e).__name__}: {_one_line(e, 100)})') from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or shapes:
+        parts = [f'missing keys: {_show(missing)}' if missing else '',
+                 f'unexpected keys: {_show(unexpected)}' if unexpected else '',
+                 'shape mismatches: ' + _show([f'{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}'
+                                               for k in shapes]) if shapes else '']
+        classifier = getattr(model, 'pretrained_cfg', {}).get('classifier')
+        if classifier and shapes and not missing and not unexpected and \
+                all(k.startswith(classifier + '.') for k in shapes):
+            parts.append(f'only the classifier differs: create the model with num_classes='
+                         f'{state_dict[shapes[0]].shape[0]} (--num-classes)')
+        raise CheckpointMismatchError(f'{path} does not fit {name}: ' + '; '.join(p for p in parts if p))
+    return state_dict
+
+
+def load_into(
+        model: nn.Module,
+        state_dict: Dict[str, torch.Tensor],
+        path: str,
+        filter_fn: Optional[FilterFn] = None,
+) -> None:
+    """Load ``state_dict`` into ``model`` strictly, after :func:`fit_weights`."""
+    model.load_state_dict(fit_weights(model, state_dict, path, filter_fn))
+
+
+def load_weights(
+        model: nn.Module,
+        path: str,
+        use_ema: Optional[bool] = False,
+        filter_fn: Optional[FilterFn] = None,
+) -> Dict[str, Any]:
+    """Read ``path`` and load its weights into ``model`` (any layout the model's filter knows).
+
+    Args:
+        model: The model to load into.
+        path: A train.py/timm checkpoint, a plain state dict, or an upstream layout (e.g. ConvNeXt-dcls' ``model``).
+        use_ema: As :func:`pick_weights`: True the EMA weights, False the model weights, None EMA if present.
+        filter_fn: Layout conversion; None: the model's own (:func:`model_filter`).
+
+    Returns:
+        ``path``, ``entry`` (the key the weights came from, None for a plain state dict), ``ema`` (whether they are
+        EMA weights) and ``epoch`` (the checkpoint's, if any).
+    """
+    checkpoint = read_checkpoint(path)
+    entry, state_dict = pick_weights(checkpoint, path, use_ema)
+    load_into(model, state_dict, path, filter_fn)
+    epoch = checkpoint.get('epoch')
+    return {'path': os.fspath(path), 'entry': entry, 'ema': entry in EMA_KEYS,
+            'epoch': epoch if isinstance(epoch, int) else None}
+
+
+def share_block_positions(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        block_key: str,
+        shared_key: str,
+        stage_label: str = 'stage {stage}',
+) -> Dict[str, torch.Tensor]:
+    """Move DCLS positions between per-block keys and a stage's shared tensor, as ``model`` holds them.
+
+    * Per-block tensors the model does not have, whose stage's shared key it has, collapse into that key after
+      checking every block agrees with the first within :data:`POSITION_ATOL` (the first block's is kept).
+      Blocks that disagree raise ``CheckpointMismatchError`` naming the stages and blocks.
+    * A shared tensor the model does not have is copied into every per-block key of that stage the model has.
+    * Everything else passes unchanged (this project's own layout is left as it is).
+
+    Args:
+        state_dict: Weights in the model's naming, positions per block or per stage.
+        model: The model to load into.
+        block_key: Regex of a per-block position key with named groups ``stage``, ``block`` and ``name``
+            (e.g. ``r'^layer(?P<stage>\\d+)\\.(?P<block>\\d+)\\.conv2\\.(?P<name>P|SIG)$'``).
+        shared_key: Format of a stage's shared key with ``{stage}`` and ``{name}``.
+        stage_label: Format naming a stage in messages, with ``{stage}``.
+    """
+    pattern = re.compile(block_key)
+    model_keys = set(model.state_dict())
+    out: Dict[str, torch.Tensor] = {}
+    copies: Dict[str, Tuple[str, str, List[Tuple[int, torch.Tensor]]]] = {}
+    for k, v in state_dict.items():
+        m = pattern.match(k)
+        if m and k not in model_keys:
+            target = shared_key.format(stage=m['stage'], name=m['name'])
+            if target in model_keys:
+                copies.setdefault(target, (m['stage'], m['name'], []))[2].append((int(m['block']), v))
+                continue
+        out[k] = v
+
+    problems, count = [], None
+    for target, (stage, name, blocks) in copies.items():
+        blocks.sort(key=lambda b: b[0])
+        first_block, first = blocks[0]
+        differ, worst = [], 0.
+        for block, v in blocks[1:]:
+            gap = math.inf if v.shape != first.shape else (v.float() - first.float()).abs().max().item()
+            if not gap <= POSITION_ATOL:
+                differ.append(str(block))
+                worst = max(worst, gap) if gap == gap else math.inf
+        if differ:
+            count = first.shape[-1]
+            problems.append(f'{stage_label.format(stage=stage)} {name}: block(s) {", ".join(differ)} differ from '
+                            f'block {first_block} by up to {worst:.3g}')
+        out.setdefault(target, first)
+    if problems:
+        raise CheckpointMismatchError(
+            'the checkpoint holds different positions per block (' + '; '.join(problems) + '), but this model '
+            f'shares them per stage: create it with dcls_shared_positions=False and dcls_kernel_count={count} '
+            f'(--model-kwargs dcls_shared_positions=False dcls_kernel_count={count}) to load one per block')
+
+    used = set()
+    for k in model_keys - set(out):
+        m = pattern.match(k)
+        if m:
+            source = shared_key.format(stage=m['stage'], name=m['name'])
+            if source in out and source not in model_keys:
+                out[k] = out[source].clone()
+                used.add(source)
+    for source in used:
+        del out[source]
+    return out
