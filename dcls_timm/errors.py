@@ -1,15 +1,44 @@
 """User-facing errors shared by train.py and validate.py: shown as one line, without a traceback."""
 import difflib
 import sys
-from typing import Callable, Tuple, Type
+from typing import Callable, Optional, Tuple, Type
 
 import timm
 
-__all__ = ['ConfigError', 'check_model_name', 'run_cli']
+__all__ = ['ConfigError', 'UnreadableImageError', 'check_model_name', 'run_cli']
 
 
 class ConfigError(ValueError):
     """A configuration or data problem the user must fix."""
+
+
+class UnreadableImageError(ConfigError):
+    """An image file that cannot be opened or decoded: ``cannot read image <path> (<reason>)``.
+
+    Takes one message string, so a DataLoader worker's exception is re-raised in the main process as this type. The
+    worker re-raise passes the whole worker traceback as the message; only its last ``cannot read image`` line is
+    kept, so the error stays one line.
+    """
+    PREFIX = 'cannot read image '
+
+    def __init__(self, message: str, path: Optional[str] = None):
+        if '\n' in message:  # DataLoader's "Caught ... in DataLoader worker process N.\nOriginal Traceback ..."
+            found = [line for line in message.splitlines() if self.PREFIX in line]
+            if found:
+                message = found[-1][found[-1].index(self.PREFIX):]
+        super().__init__(message)
+        self.path = path
+
+    @classmethod
+    def from_exception(cls, path: str, exc: BaseException) -> 'UnreadableImageError':
+        """The error for ``path``, with the reason from PIL's (or the OS's) exception, without the file repeated."""
+        reason = str(exc)
+        if type(exc).__name__ == 'UnidentifiedImageError' or reason.startswith('cannot identify image file'):
+            reason = 'cannot identify image file'
+        elif isinstance(exc, OSError) and exc.strerror:
+            reason = exc.strerror  # e.g. 'No such file or directory', 'Permission denied'
+        reason = ' '.join(reason.replace(repr(str(path)), '').split()) or type(exc).__name__
+        return cls(f'{cls.PREFIX}{path} ({reason})', path=str(path))
 
 
 def check_model_name(name: str) -> None:

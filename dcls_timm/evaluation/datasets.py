@@ -1,15 +1,93 @@
-"""Image folders whose class folders are wnids, labelled through an explicit wnid -> index map."""
+"""Image folders whose class folders are wnids, labelled through an explicit wnid -> index map; image loading that
+names an unreadable file (here and in timm's ImageDataset, for train.py and the 'dataset' suite)."""
 import logging
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
+from timm.data import ImageDataset
 
-__all__ = ['WnidImageFolder', 'IMG_EXTENSIONS', 'restrict']
+from dcls_timm.errors import UnreadableImageError
+
+__all__ = ['WnidImageFolder', 'IMG_EXTENSIONS', 'restrict', 'read_image', 'CheckedImageDataset', 'checked_dataset']
 
 _logger = logging.getLogger(__name__)
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
+
+
+def _decode(file, name: str, mode: Optional[str]) -> Image.Image:
+    """Open and fully decode ``file`` (a path or a binary file object) as ``mode`` (None: as stored).
+
+    Any failure (PIL cannot identify the format, truncated or corrupt data, an OS error) is an UnreadableImageError
+    naming ``name``. Decoding happens here, not lazily in the transform, so that the error points at the file.
+    """
+    try:
+        img = Image.open(file)
+        if mode:
+            return img.convert(mode)
+        img.load()
+        return img
+    except Exception as e:  # noqa: BLE001  (PIL raises OSError, ValueError, SyntaxError, EOFError, ... on bad data)
+        raise UnreadableImageError.from_exception(name, e) from None
+
+
+def read_image(path: str, mode: Optional[str] = 'RGB') -> Image.Image:
+    """The decoded image at ``path``; an unreadable or missing file is an UnreadableImageError naming it."""
+    try:
+        f = open(path, 'rb')
+    except OSError as e:
+        raise UnreadableImageError.from_exception(path, e) from None
+    with f:
+        return _decode(f, path, mode)
+
+
+class CheckedImageDataset(ImageDataset):
+    """timm's ImageDataset, but an unreadable image stops with an UnreadableImageError naming the file.
+
+    timm's own dataset logs a warning and returns the next sample instead (up to ``TIMM_DATASET_MAX_RETRIES`` in a
+    row), which silently duplicates that sample in training and changes evaluation numbers.
+    """
+
+    @classmethod
+    def wrap(cls, dataset: ImageDataset) -> 'CheckedImageDataset':
+        """The same dataset (same reader, transforms and state), loading images through :func:`_decode`."""
+        checked = cls.__new__(cls)
+        checked.__dict__.update(dataset.__dict__)
+        return checked
+
+    def __getitem__(self, index: int):
+        try:
+            name = self.reader.filename(index, absolute=True)
+        except Exception:  # noqa: BLE001  (a reader without file names)
+            name = f'sample {index}'
+        try:
+            file, target, *features = self.reader[index]
+        except OSError as e:  # the reader opens the file: missing, no permission, ...
+            raise UnreadableImageError.from_exception(name, e) from None
+        try:
+            if self.load_bytes:
+                img = file.read()
+            else:
+                img = _decode(file, name, self.input_img_mode)
+        finally:
+            if hasattr(file, 'close'):
+                file.close()
+        if self.transform is not None:
+            img = self.transform(img)
+        if target is None:
+            target = -1
+        elif self.target_transform is not None:
+            target = self.target_transform(target)
+        return (img, target) if self.additional_features is None else (img, target, *features)
+
+
+def checked_dataset(dataset):
+    """``dataset`` loading its images through :class:`CheckedImageDataset` if it is a timm ImageDataset (image
+    folders, tar files); anything else (torchvision's in-memory sets, iterable datasets) as it is."""
+    if type(dataset) is ImageDataset:
+        return CheckedImageDataset.wrap(dataset)
+    return dataset
 
 
 class WnidImageFolder(torch.utils.data.Dataset):
@@ -46,8 +124,7 @@ class WnidImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
-        with open(path, 'rb') as f:
-            img = Image.open(f).convert('RGB')
+        img = read_image(path, 'RGB')
         if self.transform is not None:
             img = self.transform(img)
         return img, target

@@ -9,7 +9,18 @@ from .metrics import ALL_CORRUPTIONS
 __all__ = ['format_table', 'write_results', 'plot_imagenet_c', 'csv_rows']
 
 CSV_COLUMNS = ['model', 'suite', 'top1', 'top1_err', 'top5', 'top5_err', 'loss', 'mce', 'relative_mce',
-               'images', 'classes', 'param_count', 'img_size', 'crop_pct', 'interpolation', 'checkpoint', 'ema']
+               'images', 'classes', 'param_count', 'img_size', 'crop_pct', 'interpolation', 'checkpoint', 'ema',
+               'input_size', 'crop_mode', 'mean', 'std', 'size_source']
+
+
+def _data_config_columns(results: Dict[str, Any]) -> Dict[str, Any]:
+    """The eval data config as CSV cells: input_size '3x224x224', mean/std space-separated."""
+    dc = results.get('data_config') or {}
+    out = {k: dc.get(k, '') for k in ('crop_mode', 'size_source')}
+    out['input_size'] = 'x'.join(str(v) for v in dc['input_size']) if 'input_size' in dc else ''
+    for k in ('mean', 'std'):
+        out[k] = ' '.join(f'{v:g}' for v in dc[k]) if k in dc else ''
+    return out
 
 
 def csv_rows(results: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -19,6 +30,7 @@ def csv_rows(results: Dict[str, Any]) -> List[Dict[str, Any]]:
         for name, entry in entries:
             row = {k: results[k] for k in ('model', 'param_count', 'img_size', 'crop_pct', 'interpolation',
                                           'checkpoint', 'ema')}
+            row.update(_data_config_columns(results))
             row['suite'] = name
             if 'top1' in entry:
                 row.update(top1=round(entry['top1'], 3), top1_err=round(100 - entry['top1'], 3),
@@ -36,9 +48,20 @@ def csv_rows(results: Dict[str, Any]) -> List[Dict[str, Any]]:
     return rows
 
 
+def _preprocessing_line(results: Dict[str, Any]) -> List[str]:
+    dc = results.get('data_config')
+    if not dc:
+        return []
+    source = {'explicit': 'from the command line', 'test': 'test size', 'train': 'train size',
+              'default': "timm's default size"}.get(dc.get('size_source'), dc.get('size_source'))
+    return [f"input {'x'.join(str(v) for v in dc['input_size'])} ({source}), crop_pct {dc['crop_pct']} "
+            f"{dc['crop_mode']}, {dc['interpolation']}"]
+
+
 def format_table(results: Dict[str, Any]) -> str:
     lines = [f"{results['model']} ({results['param_count']:,} params, checkpoint: {results['checkpoint'] or '-'}"
              f"{', EMA' if results['ema'] else ''})",
+             *_preprocessing_line(results),
              f"{'suite':<24}{'images':>9}{'classes':>9}{'top1':>9}{'top5':>9}{'mCE':>9}{'rel mCE':>9}"]
     for row in csv_rows(results):
         def num(key):

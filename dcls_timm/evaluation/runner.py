@@ -13,15 +13,15 @@ from timm.data.transforms import MaybeToTensor
 from torchvision import transforms
 from timm.utils import ParseKwargs, init_distributed_device, setup_default_logging
 
+from dcls_timm.checkpoint import load_weights
 from dcls_timm.errors import ConfigError, check_model_name
 from dcls_timm.layers import set_kernel_resolution
 
 from .evaluator import evaluate_dataset
-from .loading import load_weights
 from .report import format_table, plot_imagenet_c, write_results
 from .suites import SUITES, SuiteContext, run_suite
 
-__all__ = ['build_parser', 'main', 'run', 'DEFAULT_ROOTS']
+__all__ = ['build_parser', 'main', 'run', 'resolve_eval_data_config', 'DEFAULT_ROOTS']
 
 _logger = logging.getLogger('validate')
 
@@ -42,8 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--num-classes', type=int, default=1000)
     p.add_argument('--in-chans', type=int, default=None)
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
-    p.add_argument('--img-size', type=int, default=None)
+    p.add_argument('--img-size', type=int, default=None,
+                   help='input image size (default: the pretrained cfg\'s test size, see --use-train-size)')
+    p.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
+                   help='full input size, overrides --img-size')
+    p.add_argument('--use-train-size', action='store_true',
+                   help="evaluate at the pretrained cfg's train size and crop_pct instead of its test_input_size / "
+                        'test_crop_pct (as timm\'s validate.py)')
     p.add_argument('--crop-pct', type=float, default=None)
+    p.add_argument('--crop-mode', default=None, choices=['center', 'squash', 'border'],
+                   help='eval crop mode (default: the pretrained cfg\'s, else center)')
     p.add_argument('--interpolation', default='')
     p.add_argument('--mean', type=float, nargs='+', default=None)
     p.add_argument('--std', type=float, nargs='+', default=None)
@@ -74,6 +82,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve_eval_data_config(args: argparse.Namespace, model: torch.nn.Module, verbose: bool = False
+                             ) -> Dict[str, Any]:
+    """The evaluation preprocessing, as timm's validate.py resolves it, plus where the input size came from.
+
+    The pretrained cfg's ``test_input_size`` / ``test_crop_pct`` are used unless ``--use-train-size`` (then its
+    ``input_size`` / ``crop_pct``); ``--input-size``/``--img-size``, ``--crop-pct``, ``--crop-mode``,
+    ``--interpolation``, ``--mean``, ``--std`` override either. ``--in-chans`` sets the channels of a size taken from
+    the pretrained cfg. The result has timm's keys (input_size, interpolation, mean, std, crop_pct, crop_mode) and
+    ``size_source``: 'explicit' (a size flag), 'test' (the cfg's test size), 'train' (the cfg's train size: with
+    ``--use-train-size``, or the cfg has no separate test size) or 'default' (no size in the cfg: timm's 224).
+    """
+    use_test_size = not getattr(args, 'use_train_size', False)
+    config = resolve_data_config(vars(args), model=model, use_test_size=use_test_size)
+    pretrained = getattr(model, 'pretrained_cfg', None) or {}
+    if getattr(args, 'input_size', None) is not None or getattr(args, 'img_size', None) is not None:
+        size = 'explicit'
+    elif use_test_size and pretrained.get('test_input_size') is not None:
+        size = 'test'
+    elif pretrained.get('input_size') is not None:
+        size = 'train'
+    else:
+        size = 'default'
+    in_chans = getattr(args, 'in_chans', None)
+    if getattr(args, 'input_size', None) is None and in_chans is not None:
+        config['input_size'] = (in_chans, *config['input_size'][1:])  # timm keeps the cfg's channels
+    config['input_size'] = tuple(config['input_size'])
+    config['size_source'] = size
+    if verbose:
+        what = {'explicit': 'set on the command line', 'test': "the pretrained cfg's test size",
+                'train': "the pretrained cfg's train size", 'default': "timm's default"}[size]
+        if size == 'test' and pretrained.get('input_size') is not None:
+            what += f"; --use-train-size for {tuple(pretrained['input_size'])}"
+        _logger.info(f"Eval data config: input_size {config['input_size']} ({what}), crop_pct {config['crop_pct']}, "
+                     f"crop_mode {config['crop_mode']}, interpolation {config['interpolation']}, "
+                     f"mean {tuple(config['mean'])}, std {tuple(config['std'])}")
+    return config
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     suites = [s.strip() for s in args.suite.split(',') if s.strip()]
     unknown = [s for s in suites if s not in SUITES]
@@ -88,11 +134,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     device = init_distributed_device(args)
     primary = args.rank == 0
 
+    if args.input_size and args.in_chans and args.input_size[0] != args.in_chans:
+        raise ConfigError(f'--input-size has {args.input_size[0]} channels but --in-chans is {args.in_chans}.')
     if args.use_ema and not args.checkpoint:
         raise ConfigError('--use-ema needs --checkpoint.')
     try:
+        in_chans = args.in_chans or (args.input_size[0] if args.input_size else None)
         model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes,
-                                  in_chans=args.in_chans, **args.model_kwargs)
+                                  in_chans=in_chans, **args.model_kwargs)
     except TypeError as e:
         raise ConfigError(f"Cannot create model '{args.model}' with these arguments: {e}") from None
     loaded = load_weights(model, args.checkpoint, args.use_ema) if args.checkpoint else None
@@ -102,13 +151,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     model.to(device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    data_config = resolve_data_config(vars(args), model=model, verbose=primary)
-    transform = create_transform(**data_config, is_training=False)
+    data_config = resolve_eval_data_config(args, model, verbose=primary)
+    transform = create_transform(**{k: v for k, v in data_config.items() if k != 'size_source'}, is_training=False)
     as_is = transforms.Compose([MaybeToTensor(), transforms.Normalize(data_config['mean'], data_config['std'])])
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     amp = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
     ctx = SuiteContext(
-        transform=transform, transform_as_is=as_is, c_preprocess=args.c_preprocess,
+        transform=transform, transform_as_is=as_is, c_preprocess=args.c_preprocess, data_config=data_config,
         dataset=(args.dataset, args.split, args.dataset_download),
         img_mode='L' if data_config['input_size'][0] == 1 else 'RGB', class_map=args.class_map,
         evaluate=partial(evaluate_dataset, model, device=device, batch_size=args.batch_size, workers=args.workers,
@@ -119,7 +168,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         'param_count': sum(p.numel() for p in model.parameters()),
         'img_size': data_config['input_size'][-1], 'crop_pct': data_config['crop_pct'],
         'kernel_resolution': args.kernel_resolution,
-        'interpolation': data_config['interpolation'], 'suites': {},
+        'interpolation': data_config['interpolation'],
+        # everything the eval transform used; size_source: explicit | test | train | default (resolve_eval_data_config)
+        'data_config': {
+            'input_size': list(data_config['input_size']), 'crop_pct': data_config['crop_pct'],
+            'crop_mode': data_config['crop_mode'], 'interpolation': data_config['interpolation'],
+            'mean': list(data_config['mean']), 'std': list(data_config['std']),
+            'size_source': data_config['size_source'], 'use_train_size': args.use_train_size},
+        'suites': {},
     }
     if loaded is not None and loaded.get('epoch') is not None:
         results['checkpoint_epoch'] = loaded['epoch']
@@ -127,6 +183,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         root = getattr(args, f"{suite.replace('-', '_')}_dir") or os.path.join(args.data_dir, DEFAULT_ROOTS[suite])
         try:
             results['suites'][suite] = run_suite(suite, ctx, root)
+        except ConfigError:  # e.g. an unreadable image: its message names the file
+            raise
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f'{suite}: {e}') from None
         if primary:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 from .classes import imagenet_wnid_to_index, subset_classes
-from .datasets import WnidImageFolder, restrict
+from .datasets import WnidImageFolder, checked_dataset, restrict
 from .metrics import ALL_CORRUPTIONS, corruption_summary
 
 __all__ = ['SUITES', 'SuiteContext', 'run_suite', 'GENERATED_MARKER']
@@ -26,6 +26,7 @@ class SuiteContext:
     dataset: tuple = ('', 'validation', False)  # (timm dataset name, split, download) for the 'dataset' suite
     img_mode: str = 'RGB'  # PIL mode the 'dataset' suite loads ('L' for one-channel models)
     class_map: str = ''  # a timm class-map file (folder name -> index) replacing the ImageNet wnid order
+    data_config: Optional[Dict[str, Any]] = None  # what ``transform`` was built from (input_size, crop_pct, ...)
 
     def wnid_to_index(self) -> Dict[str, int]:
         if not self.class_map:
@@ -69,6 +70,15 @@ def _thousand_way(ctx: SuiteContext, root: str) -> Dict[str, Any]:
     return {**ds.describe(), **ctx.evaluate(ds)}
 
 
+def _eval_transform_label(config: Optional[Dict[str, Any]]) -> str:
+    if not config:
+        return 'timm eval transform (resize + centre crop to the model input)'
+    h, w = config['input_size'][1:]
+    return (f"timm eval transform (resize + {config['crop_mode']} crop to {h}x{w}, crop_pct {config['crop_pct']}, "
+            f"{config['interpolation']}"
+            f"{', ' + config['size_source'] + ' size' if config.get('size_source') in ('test', 'train') else ''})")
+
+
 def _imagenet_c(ctx: SuiteContext, root: str) -> Dict[str, Any]:
     if not os.path.isdir(root):
         raise FileNotFoundError(f'Dataset folder not found: {root}')
@@ -95,7 +105,7 @@ def _imagenet_c(ctx: SuiteContext, root: str) -> Dict[str, Any]:
     out = {
         'root': root, 'images': images,
         'label': 'ImageNet-C-style (generated)' if generated else 'ImageNet-C',
-        'preprocessing': ('timm eval transform (resize + centre crop to the model input)'
+        'preprocessing': (_eval_transform_label(ctx.data_config)
                           if ctx.c_preprocess == 'resize' else 'as stored (no resize or crop)'),
         'errors': errors,
         **corruption_summary(errors, ctx.clean_error),
@@ -112,8 +122,8 @@ def _timm_dataset(ctx: SuiteContext, root: str) -> Dict[str, Any]:
     """Any timm dataset with its own labels (e.g. torch/cifar10, image folders), for non-ImageNet models."""
     from timm.data import create_dataset
     name, split, download = ctx.dataset
-    ds = create_dataset(name, root=root, split=split, download=download, input_img_mode=ctx.img_mode,
-                        class_map=ctx.class_map)
+    ds = checked_dataset(create_dataset(name, root=root, split=split, download=download,
+                                        input_img_mode=ctx.img_mode, class_map=ctx.class_map))
     ds.transform = ctx.transform
     return {'root': root, 'dataset': name, 'split': split, **ctx.evaluate(ds)}
 

@@ -10,6 +10,7 @@ from timm.data import create_dataset, create_loader
 from torchvision import transforms
 
 from dcls_timm.errors import ConfigError
+from dcls_timm.evaluation.datasets import checked_dataset
 
 __all__ = ['FASHION_MNIST_DEBIAN_DIR', 'prepare_fashion_mnist', 'build_dataset', 'build_loader']
 
@@ -42,7 +43,11 @@ def prepare_fashion_mnist(root: str, source: Path = FASHION_MNIST_DEBIAN_DIR) ->
 
 
 def build_dataset(args: Any, split: str, is_training: bool):
-    """``timm.data.create_dataset`` with the run's arguments; missing or empty data become a ConfigError."""
+    """``timm.data.create_dataset`` with the run's arguments; missing or empty data become a ConfigError.
+
+    Image files are loaded so that an unreadable one stops the run with an UnreadableImageError naming the file
+    (timm would skip it with a warning and use the next sample in its place).
+    """
     is_torch = args.dataset.lower().startswith('torch/')
     if args.data_dir is None:
         raise ConfigError('No --data-dir given.')
@@ -62,7 +67,7 @@ def build_dataset(args: Any, split: str, is_training: bool):
                           f'{args.data_dir}{hint}: {e}') from None
     if len(dataset) == 0:
         raise ConfigError(f"Split '{split}' of {args.data_dir} holds no images.")
-    return dataset
+    return checked_dataset(dataset)
 
 
 def build_loader(
