@@ -287,3 +287,17 @@ def test_flexnet_learns_on_fashion_mnist_and_evaluates_across_resolutions(tmp_pa
     cross = validate(validate_parser().parse_args(base + ['--img-size', '32', '--kernel-resolution', '33']))
     assert cross['kernel_resolution'] == 33 and cross['suites']['dataset']['images'] == 300
     assert cross['suites']['dataset']['top1'] > 15
+
+
+def test_constant_lr_without_a_scheduler_trains_and_resumes(image_folder, tmp_path):
+    """--sched none: timm makes no scheduler; the lr stays as given, checkpoints save and resume."""
+    result = run(parse_args(_argv(image_folder, tmp_path, '--sched', 'none', '--epochs', '1')))
+    assert np.isfinite(result['eval']['loss'])
+    last = tmp_path / 'run' / 'last.pth.tar'
+    assert 'lr_scheduler' not in torch.load(last, weights_only=True)
+    resumed = run(parse_args(_argv(image_folder, tmp_path, '--sched', 'none', '--resume', str(last),
+                                   '--experiment', 'resumed')))
+    assert resumed['epochs'] == 2
+    header, row = (tmp_path / 'resumed' / 'summary.csv').read_text().splitlines()  # epoch 1 only: a new experiment
+    lrs = [float(v) for k, v in zip(header.split(','), row.split(',')) if k.startswith('train_lr')]
+    assert row.startswith('1,') and {round(lr, 9) for lr in lrs} == {1e-3, 5e-3}  # positions: x5

@@ -251,7 +251,8 @@ def run(args: Any) -> Dict[str, Any]:
             model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing='loss' in args.eval_metric,
             max_history=args.checkpoint_hist,
-            extra_state=lambda: {'lr_scheduler': lr_scheduler.state_dict(), 'rng': rng_state()})
+            extra_state=lambda: {'rng': rng_state(),
+                                 **({'lr_scheduler': lr_scheduler.state_dict()} if lr_scheduler is not None else {})})
         if checkpoint is not None and 'saver' in checkpoint and \
                 os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(output_dir):
             saver.load_state_dict(checkpoint['saver'])
@@ -282,7 +283,8 @@ def run(args: Any) -> Dict[str, Any]:
                 ema_metrics = evaluate(model_ema, loader_eval, eval_loss_fn, args, device, amp_autocast,
                                        log_suffix=' (EMA)', is_primary=primary)
                 eval_metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
-        lr_scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
+        if lr_scheduler is not None:  # --sched none: a constant lr
+            lr_scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
         if primary:
             speeds = monitor.epoch_speed() if monitor is not None else {}
             _log_epoch(writer, epoch, train_metrics, eval_metrics, speeds, monitor)
