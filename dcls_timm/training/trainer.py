@@ -111,7 +111,12 @@ def build_scheduler(args: Any, optimizer: torch.optim.Optimizer, updates_per_epo
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, **scheduler_kwargs(args, decreasing_metric='loss' in args.eval_metric),
         updates_per_epoch=updates_per_epoch)
-    if lr_scheduler is not None:
+    if lr_scheduler is None:
+        # timm applies a group's lr_scale (positions x5, layer decay) when a scheduler sets the lr; without one
+        # (--sched none) it is applied here, once for all (idempotent, so also right after an optimizer resume)
+        for group in optimizer.param_groups:
+            group['lr'] = args.lr * group.get('lr_scale', 1.)
+    else:
         if state is not None:
             lr_scheduler.load_state_dict(state)
         if start_epoch > 0:  # as timm's train.py: a per-update schedule ignores step(epoch)
