@@ -4,10 +4,13 @@ Each step is its own function, so callers that need more than the weights (``--r
 and validation:
 
 1. :func:`read_checkpoint`: ``torch.load(weights_only=True)``, allowing only ``argparse.Namespace`` on top of
-   tensors and plain values (timm's ``CheckpointSaver`` stores the run's arguments as one). A missing file raises
-   ``FileNotFoundError``; anything that does not unpickle into a dict raises ``CheckpointError``
+   tensors and plain values (timm's ``CheckpointSaver`` stores the run's arguments as one); ``.safetensors`` files
+   through safetensors; a folder in the Hugging Face hub layout (timm's ``save_for_hf``: ``config.json`` +
+   ``model.safetensors`` / ``pytorch_model.bin``) through its weights file (:func:`weights_file`). A missing file
+   raises ``FileNotFoundError``; anything that does not unpickle into a dict raises ``CheckpointError``
    ("<path> is not a readable checkpoint (<reason>)").
-2. :func:`pick_weights`: the weights entry (``state_dict_ema``/``model_ema`` for EMA weights, else
+2. :func:`pick_weights`: the weights entry (a named ``key`` first when the file has it, e.g. a published file's
+   ``model`` or ``state_dict_ema``; else ``state_dict_ema``/``model_ema`` for EMA weights, else
    ``state_dict``/``model``, else the file itself when it is a plain state dict), ``module.``/``_orig_mod.``
    prefixes stripped.
 3. :func:`fit_weights`: the model's checkpoint filter (layout conversion, see :func:`model_filter`), then keys and
@@ -16,7 +19,9 @@ and validation:
 
 :func:`share_block_positions` is the layout helper the DCLS models' ``checkpoint_filter_fn`` use to move positions
 between per-block keys (upstream checkpoints repeat a stage's shared positions in every block) and a stage's shared
-``DclsPositions``.
+``DclsPositions``; :func:`differing_block_positions` tells, before a model is built, whether a file's per-block
+positions agree (``pretrained=True`` builds a model without sharing when they do not, see
+``dcls_timm.models._pretrained``).
 
 Every error is a ``ConfigError`` (or ``FileNotFoundError``), which train.py and validate.py print as one line.
 """
@@ -38,13 +43,19 @@ from dcls_timm.errors import ConfigError
 
 __all__ = [
     'CheckpointError', 'CheckpointMismatchError', 'POSITION_ATOL', 'FilterFn', 'read_checkpoint', 'pick_weights',
-    'model_filter', 'fit_weights', 'load_into', 'load_weights', 'share_block_positions',
+    'model_filter', 'fit_weights', 'load_into', 'load_weights', 'share_block_positions', 'differing_block_positions',
+    'weights_file', 'WEIGHTS_FILES',
 ]
 
 FilterFn = Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]
 
 EMA_KEYS = ('state_dict_ema', 'model_ema')
 MODEL_KEYS = ('state_dict', 'model')
+
+# The weights file of a folder in the Hugging Face hub layout (timm's save_for_hf / push_to_hf_hub), in timm's order:
+# these names first, then the first file of each extension in turn.
+WEIGHTS_FILES = ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
+WEIGHTS_EXTENSIONS = ('.safetensors', '.pth', '.pth.tar', '.bin')
 
 # Per-block copies of shared positions must agree to this many grid cells (absolute). Copies written from one
 # shared parameter are bit-identical; the tolerance only forgives a few float32 ulps (e.g. a dtype round trip),
@@ -93,19 +104,51 @@ def _allow_namespace():
     return safe_globals([argparse.Namespace]) if safe_globals is not None else contextlib.nullcontext()
 
 
+def weights_file(path: str) -> str:
+    """``path`` itself, or for a folder (Hugging Face hub layout, timm's ``save_for_hf``) the weights file in it:
+    ``model.safetensors``, ``pytorch_model.bin``, ``pytorch_model.pth``, ``model.pth``, else the first
+    ``*.safetensors``, ``*.pth``, ``*.pth.tar`` or ``*.bin`` (timm's ``load_state_dict_from_path`` order).
+
+    Raises:
+        FileNotFoundError: ``Checkpoint not found: <path>``.
+        CheckpointError: a folder without a weights file.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'Checkpoint not found: {path}')
+        return path
+    for name in WEIGHTS_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    for ext in WEIGHTS_EXTENSIONS:
+        found = sorted(f for f in os.listdir(path) if f.endswith(ext) and os.path.isfile(os.path.join(path, f)))
+        if found:
+            return os.path.join(path, found[0])
+    raise CheckpointError(f'{path} is a folder without a weights file ({", ".join(WEIGHTS_FILES)} or '
+                          f'*{", *".join(WEIGHTS_EXTENSIONS)})')
+
+
 def read_checkpoint(path: str) -> Dict[str, Any]:
     """The dict stored in ``path``, read with ``torch.load(weights_only=True)`` onto the CPU.
 
-    ``argparse.Namespace`` is the one type allowed beyond tensors and plain values.
+    ``argparse.Namespace`` is the one type allowed beyond tensors and plain values. ``.safetensors`` files are read
+    with safetensors; a folder stands for its weights file (:func:`weights_file`).
 
     Raises:
         FileNotFoundError: ``Checkpoint not found: <path>``.
         CheckpointError: ``<path> is not a readable checkpoint (<reason>)`` for a truncated or corrupt file, a file
             that is not a torch checkpoint, one that needs unsafe unpickling, or one that holds no dict.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'Checkpoint not found: {path}')
+    path = weights_file(path)
+    if path.endswith('.safetensors'):
+        try:
+            import safetensors.torch
+            return dict(safetensors.torch.load_file(path, device='cpu'))
+        except (MemoryError, ImportError):
+            raise
+        except Exception as e:  # safetensors' own error type for bad headers, OSError for truncated data
+            raise CheckpointError(f'{path} is not a readable checkpoint (safetensors: {_one_line(e, 100)})') from None
     try:
         with _allow_namespace(), warnings.catch_warnings():
             # torch warns before failing on plain pickles (protocol > 2); the failure says all there is to say
@@ -129,6 +172,7 @@ def pick_weights(
         checkpoint: Dict[str, Any],
         path: str,
         use_ema: Optional[bool] = False,
+        key: Optional[str] = None,
 ) -> Tuple[Optional[str], Dict[str, torch.Tensor]]:
     """The weights entry of ``checkpoint`` and its name (None for a plain state dict), wrapper prefixes stripped.
 
@@ -138,7 +182,11 @@ def pick_weights(
         use_ema: True: the EMA weights (``state_dict_ema``, ``model_ema``), an error if absent. False: the model
             weights (``state_dict``, ``model``, or the file itself as a plain state dict). None: the EMA weights
             when the file has them, else the model weights (what timm's ``create_model(checkpoint_path=...)`` did).
+        key: An entry to take first when the file has it (a published file's weights key, e.g. ``model`` of the
+            ConvNeXt-dcls files, which holds their EMA weights); else ``use_ema`` decides.
     """
+    if key is not None and _is_state_dict(checkpoint.get(key)):
+        return key, clean_state_dict(checkpoint[key])
     keys = {True: EMA_KEYS, False: MODEL_KEYS, None: EMA_KEYS + MODEL_KEYS}[use_ema]
     for key in keys:
         if _is_state_dict(checkpoint.get(key)):
@@ -251,6 +299,63 @@ def load_weights(
             'epoch': epoch if isinstance(epoch, int) else None}
 
 
+def _block_position_copies(
+        state_dict: Dict[str, torch.Tensor],
+        block_key: str,
+        target: Optional[Callable[[Any], Optional[str]]] = None,
+) -> Tuple[Dict[str, torch.Tensor], Dict[Tuple[str, str], List[Tuple[int, torch.Tensor]]]]:
+    """Split ``state_dict`` into the per-block positions matching ``block_key`` (grouped by stage and name, blocks in
+    order) and the rest; ``target(match)`` returning None keeps a matching key in the rest."""
+    pattern = re.compile(block_key)
+    rest: Dict[str, torch.Tensor] = {}
+    copies: Dict[Tuple[str, str], List[Tuple[int, torch.Tensor]]] = {}
+    for k, v in state_dict.items():
+        m = pattern.match(k)
+        if m and (target is None or target(m) is not None):
+            copies.setdefault((m['stage'], m['name']), []).append((int(m['block']), v))
+        else:
+            rest[k] = v
+    for blocks in copies.values():
+        blocks.sort(key=lambda b: b[0])
+    return rest, copies
+
+
+def _disagreeing(blocks: List[Tuple[int, torch.Tensor]]) -> Tuple[List[int], float]:
+    """The blocks whose copy differs from the first block's by more than :data:`POSITION_ATOL`, and the worst gap."""
+    first = blocks[0][1]
+    differ, worst = [], 0.
+    for block, v in blocks[1:]:
+        gap = math.inf if v.shape != first.shape else (v.float() - first.float()).abs().max().item()
+        if not gap <= POSITION_ATOL:
+            differ.append(block)
+            worst = max(worst, gap) if gap == gap else math.inf
+    return differ, worst
+
+
+def differing_block_positions(
+        state_dict: Dict[str, torch.Tensor],
+        block_key: str,
+) -> Dict[Tuple[str, str], Tuple[List[int], float]]:
+    """The stages whose per-block position copies disagree (beyond :data:`POSITION_ATOL`), before any model exists.
+
+    Args:
+        state_dict: Weights in any naming.
+        block_key: Regex of a per-block position key in that naming, with named groups ``stage``, ``block`` and
+            ``name`` (as :func:`share_block_positions`).
+
+    Returns:
+        ``{(stage, name): (blocks that differ from the stage's first block, largest difference)}``, empty when
+        every stage's copies agree (or the file holds no per-block positions).
+    """
+    _, copies = _block_position_copies(state_dict, block_key)
+    out = {}
+    for group, blocks in copies.items():
+        differ, worst = _disagreeing(blocks)
+        if differ:
+            out[group] = (differ, worst)
+    return out
+
+
 def share_block_positions(
         state_dict: Dict[str, torch.Tensor],
         model: nn.Module,
@@ -276,32 +381,20 @@ def share_block_positions(
     """
     pattern = re.compile(block_key)
     model_keys = set(model.state_dict())
-    out: Dict[str, torch.Tensor] = {}
-    copies: Dict[str, Tuple[str, str, List[Tuple[int, torch.Tensor]]]] = {}
-    for k, v in state_dict.items():
-        m = pattern.match(k)
-        if m and k not in model_keys:
-            target = shared_key.format(stage=m['stage'], name=m['name'])
-            if target in model_keys:
-                copies.setdefault(target, (m['stage'], m['name'], []))[2].append((int(m['block']), v))
-                continue
-        out[k] = v
 
+    def collapsible(m) -> Optional[str]:
+        target = shared_key.format(stage=m['stage'], name=m['name'])
+        return target if m.string not in model_keys and target in model_keys else None
+
+    out, copies = _block_position_copies(state_dict, block_key, collapsible)
     problems, count = [], None
-    for target, (stage, name, blocks) in copies.items():
-        blocks.sort(key=lambda b: b[0])
-        first_block, first = blocks[0]
-        differ, worst = [], 0.
-        for block, v in blocks[1:]:
-            gap = math.inf if v.shape != first.shape else (v.float() - first.float()).abs().max().item()
-            if not gap <= POSITION_ATOL:
-                differ.append(str(block))
-                worst = max(worst, gap) if gap == gap else math.inf
+    for (stage, name), blocks in copies.items():
+        differ, worst = _disagreeing(blocks)
         if differ:
-            count = first.shape[-1]
-            problems.append(f'{stage_label.format(stage=stage)} {name}: block(s) {", ".join(differ)} differ from '
-                            f'block {first_block} by up to {worst:.3g}')
-        out.setdefault(target, first)
+            count = blocks[0][1].shape[-1]
+            problems.append(f'{stage_label.format(stage=stage)} {name}: block(s) {", ".join(map(str, differ))} '
+                            f'differ from block {blocks[0][0]} by up to {worst:.3g}')
+        out.setdefault(shared_key.format(stage=stage, name=name), blocks[0][1])
     if problems:
         raise CheckpointMismatchError(
             'the checkpoint holds different positions per block (' + '; '.join(problems) + '), but this model '

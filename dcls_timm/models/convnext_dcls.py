@@ -14,14 +14,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_ntuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_model_deprecations
+from timm.models import generate_default_cfgs, register_model, register_model_deprecations
 from timm.models.convnext import ConvNeXt
 from timm.models.convnext import checkpoint_filter_fn as _fb_checkpoint_filter_fn
 
 from dcls_timm.checkpoint import share_block_positions
 from dcls_timm.layers import Dcls2d, share_positions
+from ._pretrained import build_dcls_model, dcls_cfg
 
 __all__ = ['ConvNeXtDcls', 'ConvNeXtDenseDw', 'iso_param_kernel_count']
 
@@ -157,6 +157,28 @@ class ConvNeXtDenseDw(ConvNeXt):
 _BLOCK_POSITIONS = r'^stages\.(?P<stage>\d+)\.blocks\.(?P<block>\d+)\.conv_dw\.(?P<name>P|SIG)$'
 
 
+def _fb_rename_only(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm's Facebook -> timm renaming, reshaping 2-D weights (linear -> 1x1 conv) only where the sizes agree.
+
+    timm's filter reshapes every non-head 2-D weight to the model's shape and fails on a model of other sizes; here
+    the names come from timm's filter (run on empty stand-ins, which it never reshapes) and the mismatching tensors
+    keep their shapes, so the key/shape check reports them.
+    """
+    state_dict = state_dict.get('model', state_dict)
+    stand_ins = {k: torch.empty(0) for k in state_dict}
+    source = {id(v): k for k, v in stand_ins.items()}
+    own = model.state_dict()
+    out = {}
+    for k, stand_in in _fb_checkpoint_filter_fn(stand_ins, model).items():
+        if id(stand_in) not in source:  # a tensor timm's filter reshaped itself (GRN, not in ConvNeXt-dcls)
+            continue
+        v = state_dict[source[id(stand_in)]]
+        if v.ndim == 2 and 'head' not in k and k in own and own[k].numel() == v.numel():
+            v = v.reshape(own[k].shape)
+        out[k] = v
+    return out
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtDcls) -> Dict[str, torch.Tensor]:
     """Adapt a checkpoint to ``model``: our own layout, or the upstream (Facebook ConvNeXt) layout.
 
@@ -168,7 +190,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtDcl
     """
     upstream = 'model' in state_dict or any(k.startswith('downsample_layers.') for k in state_dict)
     if upstream:
-        state_dict = _fb_checkpoint_filter_fn(state_dict, model)
+        try:
+            state_dict = _fb_checkpoint_filter_fn(state_dict, model)
+        except RuntimeError:  # its reshape of 2-D weights into a model of other sizes: let the shape check name them
+            state_dict = _fb_rename_only(state_dict, model)
         if getattr(model, 'dcls_version', 'v0') != 'v0':
             block = re.compile(_BLOCK_POSITIONS)
             state_dict = {k: v.flip(0) if block.match(k) else v for k, v in state_dict.items()}
@@ -176,7 +201,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtDcl
 
 
 def _create_convnext_dcls(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXtDcls:
-    return build_model_with_cfg(
+    # no block_positions: the ConvNeXt-dcls files come from code sharing positions per stage, so per-block copies
+    # that disagree mean a wrong file or model and stop with the error naming the fix (dcls_shared_positions=False)
+    return build_dcls_model(
         ConvNeXtDcls, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
@@ -184,7 +211,7 @@ def _create_convnext_dcls(variant: str, pretrained: bool = False, **kwargs) -> C
 
 
 def _create_dense_baseline(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXtDenseDw:
-    return build_model_with_cfg(
+    return build_dcls_model(
         ConvNeXtDenseDw, variant, pretrained,
         pretrained_filter_fn=_fb_checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
@@ -192,27 +219,35 @@ def _create_dense_baseline(variant: str, pretrained: bool = False, **kwargs) -> 
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
-    return {
-        'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+    return dcls_cfg(url=url, **{
+        'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 0.875, 'interpolation': 'bicubic',
         'first_conv': 'stem.0', 'classifier': 'head.fc',
-        'paper_ids': 'arXiv:2112.03740',
-        'paper_name': 'Dilated convolution with learnable spacings',
         **kwargs
-    }
+    })
 
+
+# The DCLS authors' ImageNet-1k weights (EMA; SPEC 6): Facebook ConvNeXt layout under "model", positions repeated
+# in every block (v0: P[0] on rows; gauss: P/SIG flipped along dim 0 by the filter). Evaluated at 224 px, crop 0.875.
+_ZENODO = 'https://zenodo.org/record/7112021/files/'
+_ZENODO_GAUSS = 'https://zenodo.org/record/8029747/files/'
 
 default_cfgs = generate_default_cfgs({
     'convnext_atto_dcls': _cfg(test_input_size=(3, 288, 288), test_crop_pct=0.95),
     'convnext_femto_dcls': _cfg(test_input_size=(3, 288, 288), test_crop_pct=0.95),
     'convnext_pico_dcls': _cfg(test_input_size=(3, 288, 288), test_crop_pct=0.95),
     'convnext_nano_dcls': _cfg(test_input_size=(3, 288, 288), test_crop_pct=0.95),
-    'convnext_tiny_dcls': _cfg(),
-    'convnext_small_dcls': _cfg(),
-    'convnext_base_dcls': _cfg(),
-    'convnext_tiny_dcls_gauss': _cfg(),
+    'convnext_tiny_dcls.dcls_in1k': _cfg(
+        url=_ZENODO + 'convnext_dcls_tiny_1k_224_ema.pth', weights_key='model', top1=82.5,
+        model_args=dict(dcls_kernel_size=17, dcls_kernel_count=34, dcls_version='v0')),
+    'convnext_small_dcls.dcls_in1k': _cfg(
+        url=_ZENODO + 'convnext_dcls_small_1k_224_ema.pth', weights_key='model', top1=83.7,
+        model_args=dict(dcls_kernel_size=17, dcls_kernel_count=40, dcls_version='v0')),
+    'convnext_base_dcls.dcls_in1k': _cfg(
+        url=_ZENODO + 'convnext_dcls_base_1k_224_ema.pth', weights_key='model', top1=84.1,
+        model_args=dict(dcls_kernel_size=17, dcls_kernel_count=40, dcls_version='v0')),
+    'convnext_tiny_dcls_gauss.dcls_in1k': _cfg(
+        url=_ZENODO_GAUSS + 'convnext_dcls_gauss_tiny_1k_224_ema.pth', weights_key='model',
+        model_args=dict(dcls_kernel_size=23, dcls_kernel_count=26, dcls_version='gauss')),
     'convnext_tiny_k17': _cfg(paper_name='Dilated convolution with learnable spacings (dense 17x17 baseline)'),
     'convnext_tiny_dil2': _cfg(paper_name='Dilated convolution with learnable spacings (7x7 dilated-by-2 baseline)'),
 })

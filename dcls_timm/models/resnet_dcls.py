@@ -2,19 +2,21 @@
 
 Paper: `Dilated convolution with learnable spacings` - https://arxiv.org/abs/2112.03740
 
-The 3x3 ``conv2`` of every Bottleneck becomes a DCLS conv (7x7 grid, 5 elements by default, no bias: BN follows);
-positions are shared by the blocks of a stage and live in the stage's first block (``layerN.0.positions``), so
-timm's feature wrappers, which run the stages as whole modules, keep them.
+The 3x3 ``conv2`` of every Bottleneck becomes a DCLS conv (7x7 grid, 5 elements by default, no bias: BN follows).
+Its default interpolation is ``v0`` (bilinear), the construction the published ResNet-50-dcls weights were trained
+with; ``dcls_version='v1'`` or ``'gauss'`` builds the others. Positions are shared by the blocks of a stage and live
+in the stage's first block (``layerN.0.positions``), so timm's feature wrappers, which run the stages as whole
+modules, keep them.
 """
 from typing import Any, Dict, Optional
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
 from dcls_timm.checkpoint import share_block_positions
 from dcls_timm.layers import Dcls2d, share_positions
+from ._pretrained import build_dcls_model, dcls_cfg
 
 __all__ = ['DclsBottleneck', 'ResNetDcls']
 
@@ -27,14 +29,14 @@ class DclsBottleneck(Bottleneck):
             *args,
             dcls_kernel_size: int = 7,
             dcls_kernel_count: int = 5,
-            dcls_version: str = 'v1',
+            dcls_version: str = 'v0',
             **kwargs,
     ):
         """
         Args:
             dcls_kernel_size: Dense grid size D of the DCLS conv.
             dcls_kernel_count: Elements K per filter.
-            dcls_version: ``'v0'``, ``'v1'`` or ``'gauss'``.
+            dcls_version: ``'v0'`` (bilinear, the default: the published weights), ``'v1'`` or ``'gauss'``.
             *args, **kwargs: timm ``Bottleneck`` arguments.
         """
         super().__init__(*args, **kwargs)
@@ -54,7 +56,7 @@ class ResNetDcls(ResNet):
             self,
             dcls_kernel_size: int = 7,
             dcls_kernel_count: int = 5,
-            dcls_version: str = 'v1',
+            dcls_version: str = 'v0',
             dcls_shared_positions: bool = True,
             block_args: Optional[Dict[str, Any]] = None,
             **kwargs,
@@ -63,7 +65,7 @@ class ResNetDcls(ResNet):
         Args:
             dcls_kernel_size: Dense grid size D of the DCLS convs.
             dcls_kernel_count: Elements K per filter.
-            dcls_version: ``'v0'``, ``'v1'`` or ``'gauss'``.
+            dcls_version: ``'v0'`` (bilinear, the default: the published weights), ``'v1'`` or ``'gauss'``.
             dcls_shared_positions: Share positions (and SIG) across the blocks of each stage.
             block_args: Extra Bottleneck arguments.
             **kwargs: timm ``ResNet`` arguments (``block`` is always :class:`DclsBottleneck`).
@@ -100,26 +102,32 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ResNetDcls)
 
 
 def _create_resnet_dcls(variant: str, pretrained: bool = False, **kwargs) -> ResNetDcls:
-    return build_model_with_cfg(ResNetDcls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    # a file with different positions per block (the published ResNet-50-dcls may hold them, SPEC 1.6) builds the
+    # model with dcls_shared_positions=False under pretrained=True
+    return build_dcls_model(ResNetDcls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                            block_positions=(_BLOCK_POSITIONS,), **kwargs)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
-    return {
-        'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.95, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+    return dcls_cfg(url=url, **{
+        'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 0.95, 'interpolation': 'bicubic',
         'first_conv': 'conv1', 'classifier': 'fc',
-        'paper_ids': 'arXiv:2112.03740', 'paper_name': 'Dilated convolution with learnable spacings',
         **kwargs
-    }
+    })
 
+
+_A3 = dict(input_size=(3, 160, 160), pool_size=(5, 5), test_input_size=(3, 224, 224))  # train 160 px, test 224 px
 
 default_cfgs = generate_default_cfgs({
-    # trained at 160 px, tested at 224 px (ResNet Strikes Back A3)
-    'resnet26_dcls': _cfg(input_size=(3, 160, 160), pool_size=(5, 5), test_input_size=(3, 224, 224)),
-    'resnet50_dcls': _cfg(input_size=(3, 160, 160), pool_size=(5, 5), test_input_size=(3, 224, 224)),
-    'resnet101_dcls': _cfg(input_size=(3, 160, 160), pool_size=(5, 5), test_input_size=(3, 224, 224)),
+    # trained at 160 px, tested at 224 px, crop 0.95 (ResNet Strikes Back A3)
+    'resnet26_dcls': _cfg(**_A3),
+    # the DCLS authors' weights (SPEC 6): timm ResNet layout under "state_dict_ema" of a timm CheckpointSaver file
+    # (with args, optimizer...), conv2 P per block (v0, P[0] on rows); no top-1 published in text
+    'resnet50_dcls.dcls_in1k': _cfg(
+        url='https://zenodo.org/records/8373830/files/resnet_dcls_kernel_5_model_best.pth.tar',
+        weights_key='state_dict_ema',
+        model_args=dict(dcls_kernel_size=7, dcls_kernel_count=5, dcls_version='v0'), **_A3),
+    'resnet101_dcls': _cfg(**_A3),
 })
 
 
