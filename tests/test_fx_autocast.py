@@ -2,12 +2,12 @@
 import pytest
 import timm
 import torch
-from timm.models import get_notrace_functions, get_notrace_modules
+from timm.models import get_notrace_functions, get_notrace_modules, is_model_in_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import dcls_timm  # noqa: F401
 from dcls_timm.layers import Dcls2d, position_owners
-from dcls_timm.models import plugin_models
+from dcls_timm.models import plugin_families
 
 # timm's FX feature extraction: its leaf modules (the continuous-kernel convs among them) and wrapped functions
 TIMM_TRACER = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
@@ -54,11 +54,25 @@ def _assert_fx_trains_like_eager(model, tracer_kwargs, x):
         assert err < 1e-4, f'{name}: FX gradient differs from eager by {err:.2e} (relative)'
 
 
-@pytest.mark.parametrize('model_name', plugin_models())
+# Every distinct architecture: the smallest model of each family and each variant with other layers (gauss
+# kernels, dense baselines, plain 3x3 FlexNet); larger sizes of a family repeat the same modules.
+FX_MODELS = ['convnext_atto_dcls', 'convnext_tiny_dcls_gauss', 'convnext_tiny_dil2', 'convnext_tiny_k17',
+             'resnet26_dcls', 'fastvit_sa24_dcls', 'convformer_s18_dcls', 'caformer_s18_dcls', 'flexnet_3',
+             'flexnet_7_conv3', 'ccnn_4_140', 'ckcnn_2_30']
+SIZES = {'ckcnn_2_30': 16}  # read as a 256-step sequence
+
+
+def test_fx_models_cover_every_family():
+    for family in plugin_families():
+        assert any(is_model_in_modules(m, [family]) for m in FX_MODELS), f'no FX test for {family}'
+
+
+@pytest.mark.parametrize('model_name', FX_MODELS)
 def test_fx_traced_model_gets_every_gradient_like_eager(model_name):
     torch.manual_seed(0)
     model = timm.create_model(model_name, num_classes=5)
-    _assert_fx_trains_like_eager(model, TIMM_TRACER, torch.randn(2, 3, 32, 32))
+    size, chans = SIZES.get(model_name, 32), model.pretrained_cfg['input_size'][0]
+    _assert_fx_trains_like_eager(model, TIMM_TRACER, torch.randn(2, chans, size, size))
 
 
 @pytest.mark.parametrize('model_name', ['convnext_atto_dcls', 'convnext_tiny_dcls_gauss', 'resnet26_dcls'])

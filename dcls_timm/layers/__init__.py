@@ -5,6 +5,8 @@ from .dcls import (
 )
 from .kernel import DCLS_VERSIONS, construct_kernel, interpolation_profiles
 from .flexconv import (
-    CKConv, FlexConv, SeparableFlexConv, anti_aliasing_loss, continuous_convs, fft_conv, set_kernel_resolution,
+    CKConv, FlexConv, SeparableFlexConv, anti_aliasing_loss, causal_conv1d, continuous_convs, fft_conv,
+    set_kernel_resolution,
 )
 from .magnet import MAGNet, coordinate_grid
+from .siren import SirenCKConv, SirenKernel, WeightNormConv1x1

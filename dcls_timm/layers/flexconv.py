@@ -5,6 +5,17 @@ multiplies it by a Gaussian mask with learnable width (and centre) and crops the
 so the kernel grows as the mask widens. The crop size is a host-side integer, so each forward reads the mask's
 width (and centre) on the host: always current, whatever changed the parameters; on a GPU one small read per layer,
 as in the authors' code.
+
+Causal 1-D layers (``causal=True``, the CCNN sequence models, SPEC 8.1): the grid point +1 is lag 0 and -1 lag
+``size - 1``; the mask's mean is a fixed buffer at +1 (only its width learns) and the kernel is cropped to the last
+``n = ceil(size * ((1 - mu) + 2.146 sigma) / 2) + 1`` grid points (65 taps for 784 points at sigma 0.075); the input
+is padded on the left only. ``kernel_size=-1`` samples the grid with as many points as the input is long.
+FFT convolution when the kernel has more than 50 taps.
+
+``init='ccnn'`` (CCNN's kernel-network init, :mod:`.magnet`) also rescales the MAGNet output layer once by
+``sqrt(1/n)`` (n: taps of the initial cropped kernel) at the first forward pass, guarded by the persistent
+``initialized`` buffer so a loaded checkpoint never gets it again (a state dict without the buffer loads as
+initialized).
 """
 import math
 from typing import List, Optional, Sequence, Tuple
@@ -16,7 +27,7 @@ from timm.layers import register_notrace_module
 
 from .magnet import MAGNet, coordinate_grid
 
-__all__ = ['CKConv', 'FlexConv', 'SeparableFlexConv', 'fft_conv', 'continuous_convs',
+__all__ = ['CKConv', 'FlexConv', 'SeparableFlexConv', 'fft_conv', 'causal_conv1d', 'continuous_convs',
            'set_kernel_resolution', 'anti_aliasing_loss', 'MASK_THRESHOLD']
 
 MASK_THRESHOLD = 0.1
@@ -24,6 +35,7 @@ _MASK_RADIUS = math.sqrt(-2 * math.log(MASK_THRESHOLD))  # |x - mu| <= sigma * 2
 _SIGMA_EPS = 1e-4
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_FNS_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CAUSAL_FFT_MIN_TAPS = 51  # causal 1-D kernels longer than 50 taps use the FFT path (fft='auto')
 
 
 def fft_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -55,6 +67,36 @@ def fft_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     return y.to(x.dtype)
 
 
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, groups: int = 1,
+                  fft: bool = False) -> torch.Tensor:
+    """Causal 1-D convolution ``out[t] = sum_i weight[..., i] * x[t - (n - 1 - i)] (+ bias)``, n the kernel length.
+
+    The last kernel tap is lag 0 (the input is padded with ``n - 1`` zeros on the left), so the output at step t
+    never depends on later steps. ``fft=True`` computes the same through FFTs (float32 at least); supports
+    ``groups == 1`` and depthwise convolutions.
+    """
+    n, length = weight.shape[-1], x.shape[-1]
+    if x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(f'causal_conv1d: the input has {x.shape[1]} channels, the kernel takes '
+                         f'{weight.shape[1] * groups}.')
+    if not fft:
+        return F.conv1d(F.pad(x, (n - 1, 0)), weight, bias, groups=groups)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    full = length + n - 1
+    X = torch.fft.rfft(x.to(dtype), n=full)
+    K = torch.fft.rfft(weight.to(dtype).flip(-1), n=full)  # correlation with w = convolution with w flipped
+    if groups == 1:
+        Y = torch.einsum('bil,oil->bol', X, K)
+    elif groups == weight.shape[0] and weight.shape[1] == 1:  # depthwise
+        Y = X * K[:, 0].unsqueeze(0)
+    else:
+        raise ValueError('causal_conv1d(fft=True) supports groups=1 and depthwise convolutions only.')
+    y = torch.fft.irfft(Y, n=full)[..., :length]
+    if bias is not None:
+        y = y + bias.to(dtype).view(1, -1, 1)
+    return y.to(x.dtype)
+
+
 class _ContinuousConvNd(nn.Module):
     """A convolution whose kernel MAGNet generates on a coordinate grid, optionally masked and cropped."""
 
@@ -73,6 +115,8 @@ class _ContinuousConvNd(nn.Module):
             mask_learn_mean: bool = True,
             bias: bool = True,
             fft: str = 'auto',
+            causal: bool = False,
+            init: str = 'flexconv',
             device=None,
             dtype=None,
     ):
@@ -80,7 +124,12 @@ class _ContinuousConvNd(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         if dim not in _CONV_FNS:
             raise ValueError(f'dim must be 1, 2 or 3, got {dim}.')
-        if kernel_size < 1 or kernel_size % 2 == 0:
+        if causal:
+            if dim != 1:
+                raise ValueError('causal=True needs dim=1.')
+            if kernel_size < 1 and kernel_size != -1:
+                raise ValueError(f'A causal kernel_size must be >= 1, or -1 (the input length), got {kernel_size}.')
+        elif kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f'kernel_size (grid points per axis) must be odd and >= 1, got {kernel_size}.')
         if depthwise and in_channels != out_channels:
             raise ValueError('A depthwise continuous conv needs in_channels == out_channels.')
@@ -91,16 +140,53 @@ class _ContinuousConvNd(nn.Module):
         self.kernel_size = kernel_size  # grid the kernel is sampled on now
         self.train_kernel_size = kernel_size  # grid it was trained on (kernel values scale with the ratio)
         self.fft = fft
+        self.causal = causal
+        self._last_length: Optional[int] = None  # input length of the last forward (grid size when kernel_size=-1)
         self.kernel_net = MAGNet(dim, in_channels if depthwise else in_channels * out_channels, hidden,
-                                 num_layers, omega_0=omega_0, mask_init=mask_init, **dd)
+                                 num_layers, omega_0=omega_0, mask_init=mask_init, init=init, causal=causal, **dd)
         self.has_mask = mask
         if mask:
             self.mask_sigma = nn.Parameter(torch.full((dim,), float(mask_init), **dd))
-            if mask_learn_mean:
+            if causal:  # fixed at the causal end: only the width learns
+                self.register_buffer('mask_mean', torch.ones(dim, **dd))
+            elif mask_learn_mean:
                 self.mask_mean = nn.Parameter(torch.zeros(dim, **dd))
             else:
                 self.register_buffer('mask_mean', torch.zeros(dim, **dd))
         self.bias = nn.Parameter(torch.zeros(out_channels, **dd)) if bias else None
+        if init == 'ccnn':
+            # the one-time output rescale of CCNN's init ("Chang init") is pending while this is 0
+            self.register_buffer('initialized', torch.zeros((), dtype=torch.uint8, device=device))
+            self._register_load_state_dict_pre_hook(_initialized_when_missing, with_module=True)
+            if kernel_size > 0:
+                # the initial crop is known now: rescale at once, so copies made before any forward pass (EMA,
+                # bake_kernels, export) see the initialised model; input-length kernels wait for their first input
+                self._finish_init(None)
+        else:
+            self.initialized = None
+
+    # -- grid -----------------------------------------------------------------------------------------------------
+    def grid_size(self, length: Optional[int] = None) -> Optional[int]:
+        """Grid points per axis: ``kernel_size``, or for ``kernel_size=-1`` the input length (given, or the last
+        forward's; None if neither)."""
+        if self.kernel_size > 0:
+            return self.kernel_size
+        return length if length is not None else self._last_length
+
+    def _causal_taps_from(self, size: int, sigma: float, mean: float) -> int:
+        return min(size, int(math.ceil(size * ((1. - mean) + (abs(sigma) + _SIGMA_EPS) * _MASK_RADIUS) / 2. - 1e-6))
+                   + 1)
+
+    def causal_taps(self, length: Optional[int] = None) -> int:
+        """Taps of the cropped causal kernel (the last grid points, nearest +1), from the mask (read on the host)."""
+        size = self.grid_size(length)
+        if size is None:
+            raise RuntimeError('kernel_size=-1: the grid size follows the input; run a forward pass or give length.')
+        if not self.has_mask or self.mask_sigma.device.type == 'meta':
+            return size
+        with torch.no_grad():
+            sigma, mean = torch.cat([self.mask_sigma.detach(), self.mask_mean.detach()]).float().cpu().tolist()
+        return self._causal_taps_from(size, sigma, mean)
 
     # -- cropping -------------------------------------------------------------------------------------------------
     def _half_widths_from(self, sigma: Sequence[float], mean: Sequence[float]) -> Tuple[int, ...]:
@@ -119,12 +205,34 @@ class _ContinuousConvNd(nn.Module):
             values = torch.cat([self.mask_sigma.detach(), self.mask_mean.detach()]).float().cpu().tolist()
         return self._half_widths_from(values[:self.dim], values[self.dim:])
 
-    def kernel_sizes(self) -> Tuple[int, ...]:
+    def kernel_sizes(self, length: Optional[int] = None) -> Tuple[int, ...]:
+        """Sizes of the cropped kernel (a causal layer: its taps)."""
+        if self.causal:
+            return (self.causal_taps(length),)
         return tuple(2 * h + 1 for h in self.crop_half_widths())
 
     # -- kernel ---------------------------------------------------------------------------------------------------
-    def construct_kernel(self) -> torch.Tensor:
-        """The (cropped, masked, resolution-scaled) kernel ``[C_out, C_in or 1, *sizes]``."""
+    def causal_kernel(self, length: Optional[int] = None) -> torch.Tensor:
+        """The cropped, masked causal kernel ``[C_out, C_in or 1, n]``: the last tap is lag 0 (grid point +1)."""
+        size = self.grid_size(length)
+        n = self.causal_taps(length)
+        ref = self.kernel_net.output.weight
+        coords = coordinate_grid([size], device=ref.device, dtype=ref.dtype)[size - n:]
+        values = self.kernel_net(coords)  # [n, out * in] or [n, in]
+        kernel = values.t().reshape(self.out_channels, 1 if self.depthwise else self.in_channels, n)
+        if self.has_mask:
+            sigma = self.mask_sigma.abs() + _SIGMA_EPS
+            kernel = kernel * torch.exp(-0.5 * ((coords[:, 0] - self.mask_mean[0]) / sigma[0]) ** 2)
+        return kernel
+
+    def construct_kernel(self, length: Optional[int] = None) -> torch.Tensor:
+        """The (cropped, masked, resolution-scaled) kernel ``[C_out, C_in or 1, *sizes]``, to be used with
+        symmetric ``size // 2`` padding (what ``bake_kernels`` does). A causal layer returns its n taps followed by
+        ``n - 1`` zeros (the future side), so a plain centred convolution computes the causal one;
+        :meth:`causal_kernel` gives the n taps alone."""
+        if self.causal:
+            kernel = self.causal_kernel(length)
+            return F.pad(kernel, (0, kernel.shape[-1] - 1))
         half = self.crop_half_widths()
         ref = self.kernel_net.output.weight
         full = coordinate_grid([self.kernel_size], device=ref.device, dtype=ref.dtype)[:, 0]
@@ -153,11 +261,29 @@ class _ContinuousConvNd(nn.Module):
     def _use_fft(self, sizes: Sequence[int]) -> bool:
         if self.fft != 'auto':
             return self.fft == 'always'
+        if self.causal:
+            return sizes[0] >= CAUSAL_FFT_MIN_TAPS
         return math.prod(sizes) >= (23 ** 2 if self.dim == 2 else 23 if self.dim == 1 else 9 ** 3)
 
+    def _finish_init(self, length: Optional[int]) -> None:
+        """CCNN init: rescale the MAGNet output layer once by ``sqrt(1 / fan_in)`` of the initial cropped kernel."""
+        if self.initialized is None or self.initialized.device.type == 'meta' or bool(self.initialized):
+            return
+        fan_in = math.prod(self.kernel_sizes(length)) * (1 if self.depthwise else self.in_channels)
+        with torch.no_grad():
+            self.kernel_net.output.weight.mul_(math.sqrt(1. / fan_in))
+            self.initialized.fill_(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.construct_kernel()
+        length = x.shape[-1] if self.causal else None
+        self._last_length = length
+        self._finish_init(length)
         groups = self.in_channels if self.depthwise else 1
+        if self.causal:
+            kernel = self.causal_kernel(length)
+            return causal_conv1d(x, kernel.to(x.dtype) if not torch.is_autocast_enabled() else kernel, self.bias,
+                                 groups, fft=self._use_fft(kernel.shape[2:]))
+        kernel = self.construct_kernel()
         if self._use_fft(kernel.shape[2:]):
             return fft_conv(x, kernel, self.bias, groups)
         return _CONV_FNS[self.dim](x, kernel.to(x.dtype) if not torch.is_autocast_enabled() else kernel, self.bias,
@@ -165,7 +291,16 @@ class _ContinuousConvNd(nn.Module):
 
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, dim={self.dim}, '
-                f'depthwise={self.depthwise}, mask={self.has_mask}, fft={self.fft}')
+                f'depthwise={self.depthwise}, mask={self.has_mask}, fft={self.fft}'
+                + (', causal=True' if self.causal else '') + (", init='ccnn'" if self.initialized is not None else ''))
+
+
+def _initialized_when_missing(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+    """A state dict saved before the ``initialized`` buffer existed holds trained (or already rescaled) weights."""
+    key = prefix + 'initialized'
+    if key not in state_dict and module.initialized is not None:
+        state_dict[key] = torch.ones((), dtype=torch.uint8)
 
 
 class CKConv(_ContinuousConvNd):
@@ -213,10 +348,11 @@ def continuous_convs(model: nn.Module) -> List[_ContinuousConvNd]:
 
 def set_kernel_resolution(model: nn.Module, kernel_size: int) -> int:
     """Sample every continuous kernel on a ``kernel_size`` grid (e.g. 33 for a model trained at 17 on half-size
-    images); kernel values are scaled by ``((train_size - 1) / (kernel_size - 1))^dim``. Returns the layer count."""
+    images); kernel values are scaled by ``((train_size - 1) / (kernel_size - 1))^dim``. Causal 1-D layers are left
+    as they are. Returns the count of layers changed."""
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f'kernel_size must be odd and >= 1, got {kernel_size}.')
-    layers = continuous_convs(model)
+    layers = [m for m in continuous_convs(model) if not m.causal]  # causal 1-D grids follow the sequence length
     for m in layers:
         m.kernel_size = kernel_size
     return len(layers)
@@ -236,7 +372,10 @@ def anti_aliasing_loss(model: nn.Module, factor: float = 0.1, target: str = 'gab
         n = freqs.numel()
         if target == 'gabor+mask' and m.has_mask:
             freqs = freqs + (1. / (m.mask_sigma.abs() + _SIGMA_EPS)).max() * 2 / (2 * math.pi) / n
-        nyquist = (m.kernel_size - 1) / 4
+        size = m.grid_size()
+        if size is None:  # kernel_size=-1 before any forward pass: no grid yet
+            continue
+        nyquist = (size - 1) / 4
         terms.append(torch.relu(freqs - nyquist / n).square().sum())
     if not terms:
         return torch.zeros(())

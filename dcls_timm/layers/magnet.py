@@ -1,4 +1,12 @@
-"""MAGNet: a multiplicative anisotropic Gabor network that maps kernel coordinates to kernel values (FlexConv)."""
+"""MAGNet: a multiplicative anisotropic Gabor network that maps kernel coordinates to kernel values (FlexConv, CCNN).
+
+Two initialisations (SPEC 2.1, 8.1): ``init='flexconv'`` (the FlexConv paper: filter weights x ``omega_0 / sqrt(L+1)
+* gamma``, filter biases U(-pi, pi), envelope centres ``1.667 * mask_init * U(-1, 1)``, PyTorch default linears) and
+``init='ccnn'`` (the CCNN code: filter weights x ``2 pi omega_0 gamma``, filter biases 0, hidden linears
+kaiming-uniform with bias 1, output kaiming-uniform with bias 0; with ``causal=True`` the envelope centres are
+``1 - 0.125 * U(0, 1)``, near the causal end +1). The CCNN output layer is also rescaled once by ``sqrt(1/n)`` at the
+first forward pass of its convolution (``_ContinuousConvNd``), where ``n`` is known.
+"""
 import math
 from typing import Sequence
 
@@ -19,18 +27,26 @@ class _GaborFilter(nn.Module):
     """``exp(-1/2 sum_d (gamma_cd (x_d - mu_cd))^2) * sin(W_c . x + b_c)`` for ``hidden`` channels c."""
 
     def __init__(self, dim: int, hidden: int, layer: int, num_filters: int, alpha: float, beta: float,
-                 omega_0: float, mu_scale: float, device=None, dtype=None):
+                 omega_0: float, mu_scale: float, init: str = 'flexconv', causal: bool = False,
+                 device=None, dtype=None):
         super().__init__()
         self.linear = nn.Linear(dim, hidden, device=device, dtype=dtype)
         # no argument validation: it reads values on the host, which meta tensors (timm's cheap init) do not have
         concentration = torch.full((hidden, dim), alpha / (layer + 1), device=device, dtype=dtype)
         gamma = torch.distributions.Gamma(concentration, torch.full_like(concentration, beta), validate_args=False)
         self.gamma = nn.Parameter(gamma.sample())
-        self.mu = nn.Parameter(mu_scale * torch.empty(hidden, dim, device=device, dtype=dtype).uniform_(-1., 1.))
+        if causal:  # centres near the causal end (+1), where the causal mask sits
+            self.mu = nn.Parameter(1. - 0.125 * torch.rand(hidden, dim, device=device, dtype=dtype))
+        else:
+            self.mu = nn.Parameter(mu_scale * torch.empty(hidden, dim, device=device, dtype=dtype).uniform_(-1., 1.))
         with torch.no_grad():
             # frequencies scale with the envelope width, so narrow envelopes carry low frequencies
-            self.linear.weight.mul_(omega_0 / math.sqrt(num_filters) * self.gamma)
-            self.linear.bias.uniform_(-math.pi, math.pi)
+            if init == 'ccnn':
+                self.linear.weight.mul_(2 * math.pi * omega_0 * self.gamma)
+                self.linear.bias.zero_()
+            else:
+                self.linear.weight.mul_(omega_0 / math.sqrt(num_filters) * self.gamma)
+                self.linear.bias.uniform_(-math.pi, math.pi)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         envelope = torch.exp(-0.5 * ((self.gamma * (x.unsqueeze(-2) - self.mu)) ** 2).sum(-1))
@@ -55,6 +71,8 @@ class MAGNet(nn.Module):
             beta: float = 1.,
             omega_0: float = 25.6,
             mask_init: float = 0.075,
+            init: str = 'flexconv',
+            causal: bool = False,
             device=None,
             dtype=None,
     ):
@@ -67,16 +85,29 @@ class MAGNet(nn.Module):
             alpha, beta: Gamma(alpha / (l + 1), beta) init of the envelope widths of filter l.
             omega_0: Frequency scale of the filters' carriers.
             mask_init: Initial Gaussian-mask width; envelope centres start in ``1.667 * mask_init * U(-1, 1)``.
+            init: ``'flexconv'`` or ``'ccnn'`` (see the module docstring).
+            causal: Envelope centres start at the causal end, ``1 - 0.125 * U(0, 1)`` (1-D causal CCNN).
         """
         super().__init__()
         self.dim = dim
         self.num_layers = num_layers
         dd = {'device': device, 'dtype': dtype}
+        if init not in ('flexconv', 'ccnn'):
+            raise ValueError(f"init must be 'flexconv' or 'ccnn', got {init!r}.")
+        self.init = init
         n = num_layers + 1
         self.filters = nn.ModuleList(
-            [_GaborFilter(dim, hidden, l, n, alpha, beta, omega_0, 1.667 * mask_init, **dd) for l in range(n)])
+            [_GaborFilter(dim, hidden, l, n, alpha, beta, omega_0, 1.667 * mask_init, init, causal, **dd)
+             for l in range(n)])
         self.linears = nn.ModuleList([nn.Linear(hidden, hidden, **dd) for _ in range(num_layers)])
         self.output = nn.Linear(hidden, out_features, **dd)
+        if init == 'ccnn':
+            with torch.no_grad():
+                for linear in self.linears:
+                    nn.init.kaiming_uniform_(linear.weight, nonlinearity='linear')
+                    linear.bias.fill_(1.)
+                nn.init.kaiming_uniform_(self.output.weight, nonlinearity='linear')
+                self.output.bias.zero_()
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
         """``[N, dim]`` coordinates to ``[N, out_features]`` values."""

@@ -1,18 +1,99 @@
-"""The timm model interface shared by the constant-resolution classifiers (FlexNet, CCNN)."""
+"""The timm model interface shared by the constant-resolution classifiers (FlexNet, CCNN, CKCNN), and the input and
+head modules of the sequence models.
+
+Sequence models read ``[B, C, L]`` sequences and ``[B, C, H, W]`` images (timm's loaders), the latter flattened row
+major (``view(B, C, H * W)``), optionally through a fixed pixel permutation (pMNIST), in :class:`SequenceInput`.
+"""
 from typing import List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
-from timm.layers import get_device_dtype
+from timm.layers import get_device_dtype, register_notrace_module
 from timm.models._features import feature_take_indices
 
-__all__ = ['StemBlocksClassifier']
+__all__ = ['StemBlocksClassifier', 'SequenceInput', 'SequenceHead', 'seeded_permutation']
+
+
+def seeded_permutation(length: int, seed: int = 0) -> torch.Tensor:
+    """``numpy.random.seed(seed); numpy.random.permutation(length)`` (the pMNIST permutation for seed 0, length 784:
+    693, 85, 647, 392, ...) without touching numpy's global state."""
+    return torch.from_numpy(np.random.RandomState(seed).permutation(length)).long()
+
+
+@register_notrace_module  # branches on the input's rank: a leaf for FX
+class SequenceInput(nn.Module):
+    """Images ``[B, C, H, W]`` to sequences ``[B, C, H * W]`` (row major); sequences ``[B, C, L]`` pass through.
+
+    With ``permute=True`` the steps are reordered by a fixed permutation, ``x[..., permutation]``, kept as a persistent
+    buffer (``permutation``) so checkpoints carry it.
+    """
+
+    def __init__(self, permute: bool = False, permutation_seed: int = 0, permutation_length: int = 784,
+                 device=None):
+        super().__init__()
+        if permute:
+            self.register_buffer('permutation', seeded_permutation(permutation_length, permutation_seed).to(device))
+        else:
+            self.permutation = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3])
+        elif x.dim() != 3:
+            raise ValueError(f'A sequence model takes [B, C, L] sequences or [B, C, H, W] images, got {tuple(x.shape)}.')
+        if self.permutation is not None:
+            if x.shape[-1] != self.permutation.numel():
+                raise ValueError(f'The permutation has {self.permutation.numel()} steps, the input {x.shape[-1]}.')
+            x = x[..., self.permutation]
+        return x
+
+    def extra_repr(self) -> str:
+        return '' if self.permutation is None else f'permutation={self.permutation.numel()} steps'
+
+
+class SequenceHead(nn.Module):
+    """Classifier of ``[B, C, L]`` features: the last step (``pool_type='last'``) or the mean over time
+    (``'avg'``), dropout, linear. The interface of timm's ``ClassifierHead`` (``reset``, ``pre_logits``)."""
+
+    def __init__(self, in_features: int, num_classes: int, pool_type: str = 'last', drop_rate: float = 0.,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features = in_features
+        self.pool_type = self._check(pool_type)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(in_features, num_classes, device=device, dtype=dtype) if num_classes > 0 \
+            else nn.Identity()
+
+    @staticmethod
+    def _check(pool_type: str) -> str:
+        if pool_type not in ('last', 'avg'):
+            raise ValueError(f"A sequence head pools with 'last' or 'avg', got {pool_type!r}.")
+        return pool_type
+
+    def reset(self, num_classes: int, pool_type: Optional[str] = None, device=None, dtype=None) -> None:
+        if pool_type:
+            self.pool_type = self._check(pool_type)
+        self.fc = nn.Linear(self.in_features, num_classes, device=device, dtype=dtype) if num_classes > 0 \
+            else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[..., -1] if self.pool_type == 'last' else x.mean(-1)
+        x = self.drop(x)
+        return x if pre_logits else self.fc(x)
 
 
 class StemBlocksClassifier(nn.Module):
     """``stem -> blocks -> norm -> head`` with timm's classifier methods; subclasses build the four modules
     (``stem``, ``blocks`` an ``nn.Sequential``, ``norm``, ``head`` a timm ``ClassifierHead``) and set
-    ``num_classes``."""
+    ``num_classes``; sequence models also set ``seq_input`` (a :class:`SequenceInput`, registered before the stem so
+    timm's feature wrappers run it) and ``drop_in`` (input dropout); feature maps are then ``[B, C, L]``."""
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        seq = getattr(self, 'seq_input', None)
+        x = seq(x) if seq is not None else x
+        drop = getattr(self, 'drop_in', None)
+        return drop(x) if drop is not None else x
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -36,11 +117,12 @@ class StemBlocksClassifier(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Features after the stem (index 0) and after each block (1..), as timm's ``forward_intermediates``."""
-        assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
+        """Features after the stem (index 0) and after each block (1..), as timm's ``forward_intermediates``
+        (sequence models: ``[B, C, L]``, ``output_fmt`` 'NCHW' or 'NCL', both channels first)."""
+        assert output_fmt in ('NCHW', 'NCL'), 'Output shape must be NCHW (NCL for sequence models).'
         take, max_index = feature_take_indices(len(self.blocks) + 1, indices)
         intermediates = []
-        x = self.stem(x)
+        x = self.stem(self._input(x))
         if 0 in take:
             intermediates.append(x)
         last = len(self.blocks)
@@ -54,7 +136,7 @@ class StemBlocksClassifier(nn.Module):
         return self.norm(x), intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.blocks(self.stem(x)))
+        return self.norm(self.blocks(self.stem(self._input(x))))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)

@@ -1,12 +1,20 @@
-"""CCNN: the continuous CNN of residual separable FlexConv blocks (2-D image version).
+"""CCNN: the continuous CNN of residual separable FlexConv blocks, on images (2-D) and sequences (causal 1-D).
 
 Paper: `Towards a General Purpose CNN for Long Range Dependencies in ND` - https://arxiv.org/abs/2206.03398
 
 Stem ``SeparableFlexConv -> BN -> GELU``, then pre-norm blocks
-``x + GELU(Conv1x1(Dropout(GELU(SeparableFlexConv(BN(x))))))``, a final BN, global pooling and a linear head.
-The masks learn their widths only (centred), as the paper's parameter counts imply.
+``x + GELU(Conv1x1(Dropout(GELU(SeparableFlexConv(BN(x))))))`` (channel-wise dropout), a final BN, global pooling
+(1-D: the mean over time) and a linear head. The masks learn their widths only (2-D: centred, as the paper's
+parameter counts imply; 1-D: the mean is a fixed buffer at the causal end +1). The kernel networks use CCNN's own
+init (:mod:`dcls_timm.layers.magnet`, ``init='ccnn'``), with its one-time output rescale at the first forward pass
+guarded by the persistent ``initialized`` buffers (SPEC 8.1).
+
+``data_dim=1`` (SPEC 8.1): a causal sequence model reading ``[B, C, L]`` sequences or ``[B, C, H, W]`` images flattened
+row major (sMNIST, sCIFAR10), optionally permuted (``permute=True``, ``permutation_seed``: pMNIST); by default its
+kernel grid has as many points as the input is long (``kernel_size=-1``) and FFT convolutions serve kernels longer
+than 50 taps.
 """
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -15,24 +23,35 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from dcls_timm.layers import SeparableFlexConv
 
-from ._classifier_net import StemBlocksClassifier
+from ._classifier_net import SequenceHead, SequenceInput, StemBlocksClassifier
 
-__all__ = ['CCNN', 'CCNNBlock']
+__all__ = ['CCNN', 'CCNNBlock', 'checkpoint_filter_fn']
+
+_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d}
+_CHANNEL_DROPOUTS = {1: nn.Dropout1d, 2: nn.Dropout2d}
+DEFAULT_OMEGA_0 = {1: 2976.5, 2: 4231.6}  # sMNIST and CIFAR-10 CCNN-4,140 (SPEC 8.1)
+
+
+def _sep_flexconv(cin: int, cout: int, data_dim: int, kernel_size: int, hidden: int, mask_init: float,
+                  omega_0: float, fft: str, dd: Dict[str, Any]) -> SeparableFlexConv:
+    return SeparableFlexConv(cin, cout, kernel_size, dim=data_dim, hidden=hidden, mask_init=mask_init,
+                             mask_learn_mean=False, omega_0=omega_0, fft=fft, causal=data_dim == 1, init='ccnn',
+                             **dd)
 
 
 class CCNNBlock(nn.Module):
     """Pre-norm residual block around a separable FlexConv and a pointwise linear layer."""
 
     def __init__(self, channels: int, kernel_size: int, hidden: int, dropout: float, mask_init: float, fft: str,
-                 device=None, dtype=None):
+                 data_dim: int = 2, omega_0: float = DEFAULT_OMEGA_0[2], device=None, dtype=None):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.norm = nn.BatchNorm2d(channels, **dd)
-        self.conv = SeparableFlexConv(channels, channels, kernel_size, hidden=hidden, mask_init=mask_init,
-                                      mask_learn_mean=False, fft=fft, **dd)
+        self.norm = _NORMS[data_dim](channels, **dd)
+        self.conv = _sep_flexconv(channels, channels, data_dim, kernel_size, hidden, mask_init, omega_0, fft, dd)
         self.act1 = nn.GELU()
-        self.drop = nn.Dropout(dropout)
-        self.linear = nn.Conv2d(channels, channels, 1, **dd)
+        self.drop = _CHANNEL_DROPOUTS[data_dim](dropout)
+        self.linear = _CONVS[data_dim](channels, channels, 1, **dd)
         self.act2 = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +59,7 @@ class CCNNBlock(nn.Module):
 
 
 class CCNN(StemBlocksClassifier):
-    """CCNN-B,C: B blocks of width C at constant resolution."""
+    """CCNN-B,C: B blocks of width C at constant resolution, 2-D (images) or causal 1-D (sequences)."""
 
     def __init__(
             self,
@@ -48,13 +67,19 @@ class CCNN(StemBlocksClassifier):
             width: int = 140,
             num_classes: int = 10,
             in_chans: int = 3,
-            kernel_size: int = 33,
+            data_dim: int = 2,
+            kernel_size: Optional[int] = None,
             hidden: int = 32,
+            omega_0: Optional[float] = None,
             dropout: float = 0.1,
+            dropout_in: float = 0.,
             drop_rate: float = 0.,
             global_pool: str = 'avg',
             mask_init: float = 0.075,
             fft: str = 'auto',
+            permute: bool = False,
+            permutation_seed: int = 0,
+            permutation_length: int = 784,
             device=None,
             dtype=None,
     ):
@@ -64,37 +89,72 @@ class CCNN(StemBlocksClassifier):
             width: Channels C.
             num_classes: Classifier outputs.
             in_chans: Input channels.
-            kernel_size: FlexConv grid points per axis (33 for 32 px images).
+            data_dim: 2 (images) or 1 (causal sequence model).
+            kernel_size: FlexConv grid points per axis; default 33 (32 px images) for 2-D, -1 (the input length) for
+                1-D.
             hidden: MAGNet width (32 for CCNN-4,140, 64 for CCNN-6,380).
-            dropout: Dropout inside the blocks (a default, not a paper-verified value).
+            omega_0: MAGNet frequency scale; default 4231.6 (2-D, CIFAR-10), 2976.5 (1-D, sMNIST). Per task: pMNIST
+                2985.6, sCIFAR10 2386.5.
+            dropout: Channel-wise dropout inside the blocks.
+            dropout_in: Dropout on the input (pMNIST: 0.2).
             drop_rate: Dropout before the classifier.
-            global_pool, mask_init, fft: Pooling type, initial mask sigma, FFT use.
+            global_pool: 2-D: timm's pooling type; 1-D: 'avg' (mean over time, the paper's) or 'last'.
+            mask_init, fft: Initial mask sigma, FFT use ('auto', 'always', 'never').
+            permute: 1-D: reorder the steps by a fixed permutation (pMNIST), stored as a buffer.
+            permutation_seed, permutation_length: The permutation is numpy's ``RandomState(seed).permutation(length)``.
             device, dtype: Where and in which dtype to create the parameters.
         """
         super().__init__()
+        if data_dim not in (1, 2):
+            raise ValueError(f'data_dim must be 1 or 2, got {data_dim}.')
+        if permute and data_dim != 1:
+            raise ValueError('permute=True needs data_dim=1 (a sequence model).')
         dd = {'device': device, 'dtype': dtype}
+        kernel_size = (33 if data_dim == 2 else -1) if kernel_size is None else kernel_size
+        omega_0 = DEFAULT_OMEGA_0[data_dim] if omega_0 is None else omega_0
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self.data_dim = data_dim
+        if data_dim == 1:
+            self.seq_input = SequenceInput(permute, permutation_seed, permutation_length, device=device)
+        self.drop_in = nn.Dropout(dropout_in) if dropout_in > 0 else None
         self.stem = nn.Sequential(
-            SeparableFlexConv(in_chans, width, kernel_size, hidden=hidden, mask_init=mask_init,
-                              mask_learn_mean=False, fft=fft, **dd),
-            nn.BatchNorm2d(width, **dd), nn.GELU())
-        self.blocks = nn.Sequential(*[CCNNBlock(width, kernel_size, hidden, dropout, mask_init, fft, **dd)
-                                      for _ in range(depth)])
-        self.norm = nn.BatchNorm2d(width, **dd)
+            _sep_flexconv(in_chans, width, data_dim, kernel_size, hidden, mask_init, omega_0, fft, dd),
+            _NORMS[data_dim](width, **dd), nn.GELU())
+        self.blocks = nn.Sequential(*[
+            CCNNBlock(width, kernel_size, hidden, dropout, mask_init, fft, data_dim, omega_0, **dd)
+            for _ in range(depth)])
+        self.norm = _NORMS[data_dim](width, **dd)
         self.feature_info = [dict(num_chs=width, reduction=1, module='stem.2')] + [
             dict(num_chs=width, reduction=1, module=f'blocks.{i}') for i in range(depth)]
         self.num_features = self.head_hidden_size = width
-        self.head = ClassifierHead(width, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+        if data_dim == 1:
+            self.head = SequenceHead(width, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+        else:
+            self.head = ClassifierHead(width, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r'^stem', blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
 
 
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """State dicts saved before the ``initialized`` buffers existed hold trained weights: loaded as initialized.
+    A permuted model keeps its own permutation when the file has none."""
+    own = model.state_dict()
+    out = dict(state_dict)
+    for key, value in own.items():
+        if key not in out and key.endswith('.initialized'):
+            out[key] = torch.ones_like(value)
+        elif key not in out and key == 'seq_input.permutation':
+            out[key] = value
+    return out
+
+
 def _create_ccnn(variant: str, pretrained: bool = False, **kwargs) -> CCNN:
     return build_model_with_cfg(
-        CCNN, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2)), **kwargs)
+        CCNN, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2)), **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
@@ -112,11 +172,11 @@ default_cfgs = generate_default_cfgs({'ccnn_4_140': _cfg(), 'ccnn_6_380': _cfg()
 
 @register_model
 def ccnn_4_140(pretrained: bool = False, **kwargs) -> CCNN:
-    """CCNN-4,140 (CIFAR-10 2-D: 201,042 params)."""
+    """CCNN-4,140 (CIFAR-10 2-D: 201,042 params; ``data_dim=1``: sMNIST 198,769, sCIFAR10 199,117)."""
     return _create_ccnn('ccnn_4_140', pretrained, **dict(dict(depth=4, width=140, hidden=32), **kwargs))
 
 
 @register_model
 def ccnn_6_380(pretrained: bool = False, **kwargs) -> CCNN:
-    """CCNN-6,380 (CIFAR-10 2-D: 1,999,366 params)."""
+    """CCNN-6,380 (CIFAR-10 2-D: 1,999,366 params; ``data_dim=1``: sMNIST 1,993,091, sCIFAR10 1,993,983)."""
     return _create_ccnn('ccnn_6_380', pretrained, **dict(dict(depth=6, width=380, hidden=64), **kwargs))

@@ -1,0 +1,277 @@
+"""Continuous kernels on sequences (SPEC 8): CCNN 1-D and 2-D, the original CKConv/CKCNN and its published layout,
+causal convolutions, FFT paths, the pMNIST permutation, CCNN's init, timm API, export, FLOPs, a Fashion-MNIST run."""
+import math
+from unittest import mock
+
+import pytest
+import timm
+import torch
+
+import dcls_timm  # noqa: F401
+from dcls_timm.layers import SeparableFlexConv, SirenCKConv, causal_conv1d, continuous_convs
+from dcls_timm.layers.flexconv import FlexConv
+from dcls_timm.models.ckcnn import _PUBLISHED_RENAMES
+from dcls_timm.training.data import FASHION_MNIST_DEBIAN_DIR
+
+CCNN_PARAMS = [  # (model, kwargs, SPEC 8.1 total)
+    ('ccnn_4_140', dict(data_dim=1, in_chans=1), 198_769),    # sMNIST / pMNIST / Speech raw
+    ('ccnn_4_140', dict(data_dim=1, in_chans=3), 199_117),    # sCIFAR10
+    ('ccnn_4_140', dict(data_dim=1, in_chans=20), 202_075),   # Speech Commands MFCC
+    ('ccnn_4_140', dict(), 201_042),                          # CIFAR-10 2-D
+    ('ccnn_4_140', dict(num_classes=100), 213_732),           # CIFAR-100 2-D
+    ('ccnn_6_380', dict(data_dim=1, in_chans=1), 1_993_091),
+    ('ccnn_6_380', dict(data_dim=1, in_chans=3), 1_993_983),
+    ('ccnn_6_380', dict(data_dim=1, in_chans=20), 2_001_565),
+    ('ccnn_6_380', dict(), 1_999_366),
+    ('ccnn_6_380', dict(num_classes=100), 2_033_656),
+    ('ckcnn_2_30', dict(in_chans=1), 98_286),
+    ('ckcnn_2_30', dict(in_chans=3), 100_386),
+    ('ckcnn_2_30', dict(in_chans=20), 118_236),
+    ('ckcnn_2_100', dict(in_chans=1), 1_030_546),
+    ('ckcnn_2_100', dict(in_chans=3), 1_037_546),
+]
+
+
+@pytest.mark.parametrize('name, kwargs, total', CCNN_PARAMS)
+def test_parameter_totals(name, kwargs, total):
+    model = timm.create_model(name, **kwargs)
+    assert sum(p.numel() for p in model.parameters()) == total
+
+
+def test_ccnn_1d_structure_and_init():
+    torch.manual_seed(0)
+    model = timm.create_model('ccnn_4_140', data_dim=1, in_chans=1)
+    convs = continuous_convs(model)
+    assert len(convs) == 5 and all(c.causal and c.dim == 1 and c.kernel_size == -1 for c in convs)
+    conv = convs[0]
+    assert 'mask_mean' in dict(conv.named_buffers()) and conv.mask_mean.item() == 1.0  # fixed at the causal end
+    assert conv.kernel_sizes(784) == (65,) and conv.kernel_sizes(161) == (14,)  # SPEC 8.1
+    net = conv.kernel_net
+    for f in net.filters:  # CCNN init: filter biases 0, envelope centres 1 - 0.125 U(0, 1)
+        assert f.linear.bias.abs().max() == 0 and f.mu.min() >= 0.875 and f.mu.max() <= 1.
+    assert all(torch.all(l.bias == 1.) for l in net.linears) and net.output.bias.abs().max() == 0
+    assert isinstance(model.blocks[0].drop, torch.nn.Dropout1d)
+    before = net.output.weight.detach().clone()
+    assert conv.initialized.item() == 0
+    model.eval()
+    model(torch.randn(2, 1, 28, 28))  # the first forward rescales the output layer once by sqrt(1 / 65)
+    torch.testing.assert_close(net.output.weight, before * math.sqrt(1 / 65))
+    assert conv.initialized.item() == 1
+    model(torch.randn(2, 1, 784))
+    torch.testing.assert_close(net.output.weight, before * math.sqrt(1 / 65))
+    # the 2-D model uses CCNN's init too: 5 x 5 taps at init on the 33 grid, known at construction, so the rescale
+    # is done there (copies made before any forward pass, e.g. bake_kernels or an EMA, see the initialised model)
+    torch.manual_seed(0)
+    with mock.patch.object(FlexConv, '_finish_init'):
+        pending = continuous_convs(timm.create_model('ccnn_4_140'))[1].kernel_net.output.weight.detach().clone()
+    torch.manual_seed(0)
+    two_d = timm.create_model('ccnn_4_140')
+    c2 = continuous_convs(two_d)[1]
+    assert not c2.causal and c2.initialized.item() == 1 and torch.all(c2.kernel_net.linears[0].bias == 1.)
+    torch.testing.assert_close(c2.kernel_net.output.weight, pending * math.sqrt(1 / 25))
+    two_d.eval()(torch.randn(1, 3, 16, 16))
+    torch.testing.assert_close(c2.kernel_net.output.weight, pending * math.sqrt(1 / 25))
+
+
+def test_initialized_buffer_is_saved_and_old_state_dicts_load_as_initialized():
+    torch.manual_seed(0)
+    model = timm.create_model('ccnn_4_140', data_dim=1, in_chans=1, width=8).eval()
+    sd = model.state_dict()
+    assert 'stem.0.depthwise.initialized' in sd and sd['stem.0.depthwise.initialized'].item() == 0
+    old = {k: v.clone() for k, v in sd.items() if not k.endswith('.initialized')}  # saved before the buffer
+    fresh = timm.create_model('ccnn_4_140', data_dim=1, in_chans=1, width=8).eval()
+    fresh.load_state_dict(old)  # strict: the load hook supplies initialized = 1
+    assert all(c.initialized.item() == 1 for c in continuous_convs(fresh))
+    fresh(torch.randn(1, 1, 100))
+    torch.testing.assert_close(fresh.stem[0].depthwise.kernel_net.output.weight,
+                               old['stem.0.depthwise.kernel_net.output.weight'])  # never rescaled again
+    from dcls_timm.models.ccnn import checkpoint_filter_fn
+    assert set(checkpoint_filter_fn(old, fresh)) == set(fresh.state_dict())
+
+
+def _prefix_unchanged(layer, x, t, atol=0.):
+    x2 = x.clone()
+    x2[..., t] += 1.
+    with torch.no_grad():
+        a, b = layer(x), layer(x2)
+    torch.testing.assert_close(a[..., :t], b[..., :t], rtol=0, atol=atol)
+    assert (a[..., t:] - b[..., t:]).abs().max() > 0
+
+
+@pytest.mark.parametrize('fft', ['never', 'always'])
+def test_causality(fft):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 120)
+    flex = SeparableFlexConv(3, 4, -1, dim=1, causal=True, init='ccnn', mask_learn_mean=False, fft=fft)
+    with torch.no_grad():
+        flex.depthwise.mask_sigma.fill_(0.5)  # a long kernel
+    siren = SirenCKConv(3, 4, omega_0=20., fft=fft)
+    atol = 0. if fft == 'never' else 1e-5  # the FFT path: float32 round-off only
+    for layer in (flex, siren):
+        for t in (0, 37, 119):
+            _prefix_unchanged(layer, x, t, atol)
+    # CCNN 1-D features in eval mode (BatchNorm is per channel): causal up to the mean over time
+    model = timm.create_model('ccnn_4_140', data_dim=1, in_chans=3, width=8, fft=fft).eval()
+    _prefix_unchanged(model.forward_features, x, 60, atol)
+
+
+def test_causal_conv_definition_and_fft_equals_direct():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 3, 30), torch.randn(4, 3, 7), torch.randn(4)
+    out = causal_conv1d(x, w, b)
+    t = 10  # out[t] = sum_i w[i] x[t - (n - 1 - i)] + b
+    ref = sum(w[:, :, i] @ x[:, :, t - 6 + i].T for i in range(7)).T + b
+    torch.testing.assert_close(out[..., t], ref)
+    torch.testing.assert_close(causal_conv1d(x, w, b, fft=True), out, rtol=1e-4, atol=1e-5)
+    dw = torch.randn(3, 1, 40)  # depthwise, kernel longer than the input
+    torch.testing.assert_close(causal_conv1d(x, dw, None, groups=3, fft=True), causal_conv1d(x, dw, None, groups=3),
+                               rtol=1e-4, atol=1e-5)
+    # whole layers, values and gradients
+    for make in (lambda fft: SirenCKConv(2, 3, omega_0=30., fft=fft),
+                 lambda fft: FlexConv(2, 3, 101, dim=1, causal=True, init='ccnn', fft=fft)):
+        torch.manual_seed(1)
+        a = make('never')
+        torch.manual_seed(1)
+        f = make('always')
+        xs = torch.randn(2, 2, 90)
+        xa, xf = xs.clone().requires_grad_(), xs.clone().requires_grad_()
+        ya, yf = a(xa), f(xf)
+        torch.testing.assert_close(yf, ya, rtol=1e-4, atol=4e-5)
+        ya.square().sum().backward()
+        yf.square().sum().backward()
+        torch.testing.assert_close(xf.grad, xa.grad, rtol=1e-3, atol=1e-4)
+
+
+def _published_layout(model):
+    """The model's weights in the authors' flat layout (inverse of the filter's renames), plus their buffers."""
+    inverse = {}
+    for b in range(2):
+        for c in (1, 2):
+            inverse[f'blocks.{b}.conv{c}.bias'] = f'backbone.{b}.cconv{c}.bias'
+            for i, j in enumerate((0, 4, 8)):
+                for p in ('bias', 'weight_g', 'weight_v'):
+                    inverse[f'blocks.{b}.conv{c}.kernel_net.layers.{i}.{p}'] = \
+                        f'backbone.{b}.cconv{c}.Kernel.kernel_net.{j}.{p}'
+            for p in ('weight', 'bias'):
+                inverse[f'blocks.{b}.norm{c}.{p}'] = f'backbone.{b}.norm{c}.layer_norm.{p}'
+    for p in ('weight', 'bias'):
+        inverse[f'blocks.0.shortcut.{p}'] = f'backbone.0.shortcut.0.{p}'
+        inverse[f'head.fc.{p}'] = f'finallyr.{p}'
+    sd = {inverse[k]: v for k, v in model.state_dict().items() if k != 'seq_input.permutation'}
+    sd['backbone.0.cconv1.train_length'] = torch.tensor(784)  # present in some files, absent in others
+    sd['backbone.1.cconv2.conv_kernel'] = torch.randn(30, 30, 5)  # stale cache: ignored
+    return sd
+
+
+@pytest.mark.parametrize('tag', ['smnist', 'pmnist'])
+def test_ckcnn_published_layout_loads_and_matches(tmp_path, tag):
+    torch.manual_seed(0)
+    cfg = timm.models.get_pretrained_cfg(f'ckcnn_2_30.{tag}').to_dict()
+    assert cfg['url'].startswith('https://github.com/dwromero/ckconv/raw/d44c6441a98792477d6259368c210089bb33fe7a/'
+                                 f'saved/MNIST_perm_{tag == "pmnist"}_model_CKCNN_blcks_2_nohid_30_')
+    assert cfg['license'] == 'mit'
+    omega = 31.09195739463897 if tag == 'smnist' else 43.45667389601194
+    direct = timm.create_model('ckcnn_2_30', omega_0=omega, permute=tag == 'pmnist')
+    with torch.no_grad():
+        for p in direct.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    path = tmp_path / 'published.pt'
+    torch.save(_published_layout(direct), path)
+    loaded = timm.create_model(f'ckcnn_2_30.{tag}', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert loaded.blocks[0].conv1.kernel_net.omega_0 == omega  # the tag's model arguments
+    assert (loaded.seq_input.permutation is not None) == (tag == 'pmnist')
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(loaded.eval()(x), direct.eval()(x))
+    assert all(pattern.pattern.startswith('^') for pattern, _ in _PUBLISHED_RENAMES)
+
+
+def test_ckcnn_pretrained_cfgs():
+    tags = [n for n in timm.list_pretrained('ckcnn*')]
+    assert sorted(tags) == sorted(['ckcnn_2_30.smnist', 'ckcnn_2_30.pmnist', 'ckcnn_2_30.scifar10',
+                                   'ckcnn_2_30.speech_mfcc', 'ckcnn_2_100.smnist', 'ckcnn_2_100.pmnist',
+                                   'ckcnn_2_100.scifar10'])
+    for tag in tags:
+        cfg = timm.models.get_pretrained_cfg(tag).to_dict()
+        assert cfg['url'].endswith('.pt') and 'kernomega0_' in cfg['url'] and cfg['num_classes'] == 10
+        assert any('paper test accuracy' in n for n in cfg['notes'])
+    assert timm.models.get_pretrained_cfg('ckcnn_2_30.speech_mfcc').input_size == (20, 1, 161)
+
+
+def test_permutation_is_stored_and_restored():
+    model = timm.create_model('ckcnn_2_30', permute=True, hidden=4)
+    perm = model.seq_input.permutation
+    assert perm[:4].tolist() == [693, 85, 647, 392] and sorted(perm.tolist()) == list(range(784))
+    sd = model.state_dict()
+    assert torch.equal(sd['seq_input.permutation'], perm)
+    other = timm.create_model('ckcnn_2_30', permute=True, permutation_seed=5, hidden=4)
+    assert not torch.equal(other.seq_input.permutation, perm)
+    other.load_state_dict(sd)
+    assert torch.equal(other.seq_input.permutation, perm)
+    plain = timm.create_model('ckcnn_2_30', hidden=4)
+    assert 'seq_input.permutation' not in plain.state_dict()
+    plain.load_state_dict({k: v for k, v in sd.items() if k != 'seq_input.permutation'})
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(model.eval()(x), plain.eval()(x.view(2, 1, 784)[..., perm]))
+    ccnn = timm.create_model('ccnn_4_140', data_dim=1, in_chans=1, width=8, permute=True)
+    assert torch.equal(ccnn.state_dict()['seq_input.permutation'], perm)
+
+
+@pytest.mark.parametrize('name, kwargs', [('ckcnn_2_30', dict(hidden=6)),
+                                          ('ccnn_4_140', dict(data_dim=1, width=8))])
+def test_timm_api_for_sequence_models(name, kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5, in_chans=2, **kwargs)
+    x = torch.randn(2, 2, 10, 6)  # images are read row major: 60 steps
+    out = model(x)
+    assert out.shape == (2, 5)
+    out.sum().backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
+    model.eval()
+    torch.testing.assert_close(model(x), model(x.view(2, 2, 60)))
+    final, inter = model.forward_intermediates(x, output_fmt='NCL')
+    torch.testing.assert_close(final, model.forward_features(x))
+    assert all(t.shape[-1] == 60 and t.dim() == 3 for t in inter)
+    assert model.forward_head(final, pre_logits=True).shape == (2, model.num_features)
+    torch.manual_seed(0)
+    feats = timm.create_model(name, features_only=True, in_chans=2, **kwargs).eval()
+    outs = feats(x)
+    assert [o.shape[1] for o in outs] == feats.feature_info.channels() and all(o.dim() == 3 for o in outs)
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3)
+
+
+def test_recipe_export_and_flops_for_ccnn_1d():
+    from dcls_timm.export import bake_kernels
+    from dcls_timm.info import model_info
+    from dcls_timm.recipe import CompositeRecipe, FlexConvRecipe
+    torch.manual_seed(0)
+    model = timm.create_model('ccnn_4_140', data_dim=1, in_chans=1, width=8).eval()
+    x = torch.randn(2, 1, 12, 12)
+    ref = model(x)
+    recipe = CompositeRecipe([FlexConvRecipe()])
+    mask = [g for g in recipe.param_groups(model, weight_decay=0.) if g['group_name'] == 'mask']
+    assert len(mask) == 1 and len(mask[0]['params']) == 5  # widths only: the means are fixed buffers
+    assert torch.isfinite(recipe.aux_losses(model, 0)['antialias_loss'])
+    baked = bake_kernels(model)  # causal kernels bake as centred kernels with zeros on the future side
+    assert not continuous_convs(baked)
+    torch.testing.assert_close(baked(x), ref, rtol=1e-4, atol=1e-5)
+    info = model_info(model, (1, 12, 12))
+    assert info['params'] == sum(p.numel() for p in model.parameters()) and info['gflops'] > 0
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DEBIAN_DIR.is_dir(), reason='Fashion-MNIST files not installed')
+def test_fashion_mnist_as_784_step_sequences_learns(tmp_path):
+    from test_train import _fashion_mnist_subset
+    from dcls_timm.training import parse_args, run
+    from dcls_timm.training.data import prepare_fashion_mnist
+    assert prepare_fashion_mnist(str(tmp_path))
+    data = _fashion_mnist_subset(tmp_path, 50, 20)
+    argv = ['--model', 'ckcnn_2_30', '--model-kwargs', 'hidden=16', 'omega_0=30.5', '--data-dir', str(data),
+            '--val-split', 'test', '--num-classes', '10', '--input-size', '1', '28', '28', '--input-img-mode', 'L',
+            '--mean', '0.286', '--std', '0.353', '--crop-pct', '1.0', '--color-jitter', '0', '--hflip', '0',
+            '--scale', '1', '1', '--ratio', '1', '1', '--smoothing', '0', '--opt', 'adam', '--weight-decay', '0',
+            '-b', '32', '--epochs', '3', '--warmup-epochs', '0', '--sched', 'cosine', '--sched-on-updates',
+            '--lr', '3e-3', '--workers', '0', '--device', 'cpu', '--output', str(tmp_path / 'out'),
+            '--experiment', 'seq']
+    result = run(parse_args(argv))
+    assert result['eval']['top1'] > 30  # 10 classes: chance is 10 %
