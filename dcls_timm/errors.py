@@ -5,7 +5,7 @@ from typing import Callable, Optional, Tuple, Type
 
 import timm
 
-__all__ = ['ConfigError', 'UnreadableImageError', 'check_model_name', 'run_cli']
+__all__ = ['ConfigError', 'UnreadableImageError', 'Interrupted', 'check_model_name', 'run_cli']
 
 
 class ConfigError(ValueError):
@@ -41,6 +41,17 @@ class UnreadableImageError(ConfigError):
         return cls(f'{cls.PREFIX}{path} ({reason})', path=str(path))
 
 
+class Interrupted(Exception):
+    """A run stopped by a signal (SIGTERM, SIGINT) after saving what it finished; the message says how to go on.
+
+    ``exit_status`` is the shell's convention for a process ended by that signal (128 + its number).
+    """
+
+    def __init__(self, message: str, exit_status: int = 1):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
 def check_model_name(name: str) -> None:
     """Raise a ConfigError naming close matches if ``name`` is not a registered timm model."""
     if not timm.is_model(name):
@@ -50,9 +61,14 @@ def check_model_name(name: str) -> None:
 
 
 def run_cli(main: Callable[[], object], prog: str, errors: Tuple[Type[BaseException], ...] = ()) -> None:
-    """Run a script's ``main``; user-facing errors become one ``prog: error: ...`` line and exit status 2."""
+    """Run a script's ``main``; user-facing errors become one ``prog: error: ...`` line and exit status 2, an
+    :class:`Interrupted` run one ``prog: ...`` line and its own exit status."""
     try:
         main()
+    except Interrupted as e:
+        if str(e):  # under torchrun only rank 0 says it
+            print(f'{prog}: {e}', file=sys.stderr)
+        sys.exit(e.exit_status)
     except (ConfigError, FileNotFoundError, *errors) as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -1,6 +1,7 @@
 """Image folders whose class folders are wnids, labelled through an explicit wnid -> index map; image loading that
 names an unreadable file (here and in timm's ImageDataset, for train.py and the 'dataset' suite)."""
 import logging
+import multiprocessing
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -47,20 +48,53 @@ class CheckedImageDataset(ImageDataset):
 
     timm's own dataset logs a warning and returns the next sample instead (up to ``TIMM_DATASET_MAX_RETRIES`` in a
     row), which silently duplicates that sample in training and changes evaluation numbers.
+
+    With ``skip_unreadable`` (train.py's ``--skip-unreadable``) an unreadable image is replaced by the next readable
+    one, as timm does, but visibly: each one is logged as a warning naming the file, with the running count of
+    unreadable images over all DataLoader workers (``skipped_count``); more than timm's retry limit in a row is
+    still an error.
     """
+    skip_unreadable = False
+    _skipped = None
 
     @classmethod
-    def wrap(cls, dataset: ImageDataset) -> 'CheckedImageDataset':
+    def wrap(cls, dataset: ImageDataset, skip_unreadable: bool = False) -> 'CheckedImageDataset':
         """The same dataset (same reader, transforms and state), loading images through :func:`_decode`."""
         checked = cls.__new__(cls)
         checked.__dict__.update(dataset.__dict__)
+        checked.skip_unreadable = skip_unreadable
+        checked._skipped = multiprocessing.Value('l', 0) if skip_unreadable else None  # shared with the workers
         return checked
 
+    @property
+    def skipped_count(self) -> int:
+        """Unreadable images replaced so far (every worker's, as long as they share this dataset's memory)."""
+        return self._skipped.value if self._skipped is not None else 0
+
     def __getitem__(self, index: int):
+        if not self.skip_unreadable:
+            return self._load(index)
+        retries = getattr(self, '_max_retries', 10)
+        for attempt in range(retries):
+            try:
+                return self._load((index + attempt) % len(self))
+            except UnreadableImageError as e:
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                    count = self._skipped.value
+                _logger.warning(f'{e}: skipped (--skip-unreadable), the next image is used in its place '
+                                f'({count} unreadable image{"s" if count > 1 else ""} skipped so far)')
+        raise UnreadableImageError(f'{UnreadableImageError.PREFIX}{self._name(index)} and the {retries - 1} after it '
+                                   f'(no readable image among {retries} in a row)')
+
+    def _name(self, index: int) -> str:
         try:
-            name = self.reader.filename(index, absolute=True)
+            return self.reader.filename(index, absolute=True)
         except Exception:  # noqa: BLE001  (a reader without file names)
-            name = f'sample {index}'
+            return f'sample {index}'
+
+    def _load(self, index: int):
+        name = self._name(index)
         try:
             file, target, *features = self.reader[index]
         except OSError as e:  # the reader opens the file: missing, no permission, ...
@@ -82,11 +116,11 @@ class CheckedImageDataset(ImageDataset):
         return (img, target) if self.additional_features is None else (img, target, *features)
 
 
-def checked_dataset(dataset):
+def checked_dataset(dataset, skip_unreadable: bool = False):
     """``dataset`` loading its images through :class:`CheckedImageDataset` if it is a timm ImageDataset (image
     folders, tar files); anything else (torchvision's in-memory sets, iterable datasets) as it is."""
     if type(dataset) is ImageDataset:
-        return CheckedImageDataset.wrap(dataset)
+        return CheckedImageDataset.wrap(dataset, skip_unreadable=skip_unreadable)
     return dataset
 
 

@@ -1,16 +1,18 @@
 """Results output: a readable table, JSON/CSV with timm's columns, and the ImageNet-C plot."""
 import csv
+import io
 import json
-import os
 from typing import Any, Dict, List
 
 from .metrics import ALL_CORRUPTIONS
+from .store import atomic_write_text
 
 __all__ = ['format_table', 'write_results', 'plot_imagenet_c', 'csv_rows']
 
 CSV_COLUMNS = ['model', 'suite', 'top1', 'top1_err', 'top5', 'top5_err', 'loss', 'mce', 'relative_mce',
                'images', 'classes', 'param_count', 'img_size', 'crop_pct', 'interpolation', 'checkpoint', 'ema',
-               'input_size', 'crop_mode', 'mean', 'std', 'size_source']
+               'input_size', 'crop_mode', 'mean', 'std', 'size_source', 'skipped', 'images_per_sec', 'precision',
+               'imagenet_c_label']
 
 
 def _data_config_columns(results: Dict[str, Any]) -> Dict[str, Any]:
@@ -44,6 +46,11 @@ def csv_rows(results: Dict[str, Any]) -> List[Dict[str, Any]]:
                 row['relative_mce'] = round(entry['relative_mce'], 3) if 'relative_mce' in entry else ''
             row['images'] = entry.get('images', '')
             row['classes'] = entry.get('classes', '')
+            row['skipped'] = entry.get('skipped', '')
+            ips = entry.get('images_per_sec')
+            row['images_per_sec'] = round(ips, 1) if isinstance(ips, (int, float)) else ''
+            row['precision'] = results.get('precision', '')
+            row['imagenet_c_label'] = entry.get('label', '') if 'errors' in entry else ''
             rows.append(row)
     return rows
 
@@ -59,40 +66,54 @@ def _preprocessing_line(results: Dict[str, Any]) -> List[str]:
 
 
 def format_table(results: Dict[str, Any]) -> str:
+    rows = csv_rows(results)
+    any_skipped = any(isinstance(r.get('skipped'), int) and r['skipped'] > 0 for r in rows)
     lines = [f"{results['model']} ({results['param_count']:,} params, checkpoint: {results['checkpoint'] or '-'}"
-             f"{', EMA' if results['ema'] else ''})",
+             f"{', EMA' if results['ema'] else ''}{', ' + results['precision'] if results.get('precision') else ''})",
              *_preprocessing_line(results),
-             f"{'suite':<24}{'images':>9}{'classes':>9}{'top1':>9}{'top5':>9}{'mCE':>9}{'rel mCE':>9}"]
-    for row in csv_rows(results):
-        def num(key):
-            return f'{row[key]:>9.2f}' if isinstance(row.get(key), float) else f"{'':>9}"
-        lines.append(f"{row['suite']:<24}{row['images']!s:>9}{row['classes']!s:>9}{num('top1')}{num('top5')}"
-                     f"{num('mce')}{num('relative_mce')}")
+             f"{'suite':<30}{'images':>9}{'classes':>9}{'top1':>9}{'top5':>9}{'mCE':>9}{'rel mCE':>9}{'img/s':>9}"
+             + (f"{'skipped':>9}" if any_skipped else '')]
+    for row in rows:
+        def num(key, digits=2):
+            return f'{row[key]:>9.{digits}f}' if isinstance(row.get(key), float) else f"{'':>9}"
+        lines.append(f"{row['suite']:<30}{row['images']!s:>9}{row['classes']!s:>9}{num('top1')}{num('top5')}"
+                     f"{num('mce')}{num('relative_mce')}{num('images_per_sec', 1)}"
+                     + (f"{row['skipped']!s:>9}" if any_skipped else ''))
     c = results['suites'].get('imagenet-c')
     if c:
         lines.append(f"ImageNet-C ({c['label']}; preprocessing: {c['preprocessing']}): "
                      f"top-1 error % per corruption, severities 1-5, CE")
         for corruption, sev in c['errors'].items():
+            sev = {int(k): v for k, v in sev.items()}
             ce = c['ce'].get(corruption)
-            lines.append(f'  {corruption:<20}' + ''.join(f'{100 * sev[s]:>7.1f}' if s in sev else f"{'-':>7}"
-                                                         for s in range(1, 6))
-                         + (f'   CE {ce:6.1f}' if ce is not None else ''))
+            marks = c.get('skipped_cells', {})
+            lines.append(f'  {corruption:<20}' + ''.join(
+                (f'{100 * sev[s]:>6.1f}' + ('*' if f'{corruption}/{s}' in marks else ' ')) if s in sev else f"{'-':>6} "
+                for s in range(1, 6)) + (f'  CE {ce:6.1f}' if ce is not None else ''))
         for group, err in c.get('group_mean_error', {}).items():
             lines.append(f'  mean error {group:<9} {100 * err:6.2f} %')
+        if c.get('skipped_cells'):
+            lines.append('  * cells with unreadable images skipped: '
+                         + ', '.join(f'{k} ({v})' for k, v in c['skipped_cells'].items()))
+    if any_skipped:
+        total = sum(r['skipped'] for r in rows if isinstance(r.get('skipped'), int) and ':' not in r['suite'])
+        lines.append(f'{total} unreadable image(s) skipped (--skip-unreadable) and left out of every denominator; '
+                     f"the files are listed in the results file (units.<unit>.skipped_files)")
     return '\n'.join(lines)
 
 
 def write_results(results: Dict[str, Any], path: str, fmt: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.partial'
-    with open(tmp, 'w', newline='') as f:
-        if fmt == 'json':
-            json.dump(results, f, indent=2)
-        else:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction='ignore')
-            writer.writeheader()
-            writer.writerows(csv_rows(results))
-    os.replace(tmp, path)
+    """Write ``results`` as JSON (everything) or CSV (one row per suite), atomically (temporary file, fsync,
+    replace)."""
+    if fmt == 'json':
+        text = json.dumps(results, indent=2) + '\n'
+    else:
+        buf = io.StringIO(newline='')
+        writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction='ignore')
+        writer.writeheader()
+        writer.writerows(csv_rows(results))
+        text = buf.getvalue()
+    atomic_write_text(path, text)
 
 
 def plot_imagenet_c(result: Dict[str, Any], path: str, title: str) -> None:
@@ -100,12 +121,13 @@ def plot_imagenet_c(result: Dict[str, Any], path: str, title: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    names = [c for c in ALL_CORRUPTIONS if c in result['errors']]
+    errors = {c: {int(k): v for k, v in sev.items()} for c, sev in result['errors'].items()}
+    names = [c for c in ALL_CORRUPTIONS if c in errors]
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names) + 3), 4.5))
     width = 0.16
     for s in range(1, 6):
-        xs = [i + (s - 3) * width for i, c in enumerate(names) if s in result['errors'][c]]
-        ys = [100 * result['errors'][c][s] for c in names if s in result['errors'][c]]
+        xs = [i + (s - 3) * width for i, c in enumerate(names) if s in errors[c]]
+        ys = [100 * errors[c][s] for c in names if s in errors[c]]
         ax.bar(xs, ys, width=width, label=f'severity {s}', color=plt.cm.viridis((s - 1) / 4))
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([n.replace('_', ' ') for n in names], rotation=45, ha='right')

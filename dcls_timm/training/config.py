@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--dataset-download', action='store_true', help='let torchvision datasets download')
     g.add_argument('--class-map', default='', help='class map file for image folders')
     g.add_argument('--input-img-mode', default=None, help="image mode of the loader, e.g. 'L' for grey")
+    g.add_argument('--skip-unreadable', action='store_true',
+                   help='replace an unreadable/truncated image by the next one (as timm does silently) instead of '
+                        'stopping, with a warning naming the file and the running count')
 
     g = p.add_argument_group('Model')
     g.add_argument('--model', default='convnext_tiny_dcls')

@@ -46,7 +46,8 @@ def build_dataset(args: Any, split: str, is_training: bool):
     """``timm.data.create_dataset`` with the run's arguments; missing or empty data become a ConfigError.
 
     Image files are loaded so that an unreadable one stops the run with an UnreadableImageError naming the file
-    (timm would skip it with a warning and use the next sample in its place).
+    (timm would skip it with a warning and use the next sample in its place); with ``--skip-unreadable`` the next
+    image is used in its place, each time with a warning naming the file and the running count.
     """
     is_torch = args.dataset.lower().startswith('torch/')
     if args.data_dir is None:
@@ -67,7 +68,7 @@ def build_dataset(args: Any, split: str, is_training: bool):
                           f'{args.data_dir}{hint}: {e}') from None
     if len(dataset) == 0:
         raise ConfigError(f"Split '{split}' of {args.data_dir} holds no images.")
-    return checked_dataset(dataset)
+    return checked_dataset(dataset, skip_unreadable=getattr(args, 'skip_unreadable', False))
 
 
 def build_loader(
