@@ -21,10 +21,11 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
-from timm.models import clean_state_dict, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.fastvit import FastVit, RepConditionalPosEnc
 from timm.models.fastvit import checkpoint_filter_fn as _apple_checkpoint_filter_fn
 
+from dcls_timm.checkpoint import pick_weights
 from dcls_timm.convert import convert_to_dcls, share_layer_positions
 from dcls_timm.layers import Dcls2d
 from ._pretrained import build_dcls_model, dcls_cfg
@@ -109,14 +110,6 @@ class FastVitDcls(FastVit):
 _POSITION_KEY = re.compile(r'\.(P|SIG)$')
 
 
-def _weights(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    """The weights of a whole checkpoint (the published files keep them under ``state_dict_ema``), or the dict."""
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
-        if isinstance(state_dict.get(key), dict):
-            return clean_state_dict(state_dict[key])
-    return state_dict
-
-
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: FastVitDcls) -> Dict[str, torch.Tensor]:
     """Adapt a checkpoint to ``model``: this project's layout, or the DCLS authors' (Apple ml-fastvit) layout.
 
@@ -128,7 +121,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: FastVitDcls
     (:func:`dcls_timm.convert.share_layer_positions`); a model built with ``dcls_shared_positions=False`` takes
     them per conv.
     """
-    state_dict = _weights(state_dict)
+    state_dict = pick_weights(state_dict, 'the checkpoint', use_ema=None)[1]  # EMA weights first, as published
     if any(k.startswith(('network.', 'patch_embed.')) for k in state_dict):
         state_dict = _apple_checkpoint_filter_fn(state_dict, model)
         if getattr(model, 'dcls_version', 'v1') != 'v0':

@@ -14,10 +14,11 @@ import re
 from typing import Any, Dict, Optional
 
 import torch
-from timm.models import clean_state_dict, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, SepConv
 from timm.models.metaformer import checkpoint_filter_fn as _sail_checkpoint_filter_fn
 
+from dcls_timm.checkpoint import pick_weights
 from dcls_timm.convert import convert_to_dcls, share_layer_positions
 from ._pretrained import build_dcls_model, dcls_cfg
 
@@ -64,14 +65,6 @@ class MetaFormerDcls(MetaFormer):
 _SAIL_POSITIONS = re.compile(r'^stages\.(?P<stage>\d+)\.(?P<block>\d+)\.(?P<rest>.+)\.(?P<name>P|SIG)$')
 
 
-def _weights(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    """The weights of a whole checkpoint (the published files keep them under ``state_dict_ema``), or the dict."""
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
-        if isinstance(state_dict.get(key), dict):
-            return clean_state_dict(state_dict[key])
-    return state_dict
-
-
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MetaFormerDcls) -> Dict[str, torch.Tensor]:
     """Adapt a checkpoint to ``model``: this project's layout, or the DCLS authors' (sail-sg metaformer) layout.
 
@@ -83,7 +76,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MetaFormerD
     stage's holder (:func:`dcls_timm.convert.share_layer_positions`); a model built with
     ``dcls_shared_positions=False`` takes them per conv.
     """
-    state_dict = _weights(state_dict)
+    state_dict = pick_weights(state_dict, 'the checkpoint', use_ema=None)[1]  # EMA weights first, as published
     if 'stem.conv.weight' not in state_dict and any(k.startswith('downsample_layers.') for k in state_dict):
         flip = getattr(model, 'dcls_version', 'v1') != 'v0'
         positions, rest = {}, {}
