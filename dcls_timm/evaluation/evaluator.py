@@ -126,6 +126,11 @@ class Batches:
     def close(self) -> None:
         """Stop the workers now: dropping the DataLoader iterator asks them to stop and joins them; any left is
         killed."""
+        # shut the iterator down explicitly: an exception in flight keeps it alive, and its SIGCHLD handler would
+        # turn a worker killed below into a second error ("DataLoader worker ... is killed by signal")
+        shutdown = getattr(self.iterator, '_shutdown_workers', None)
+        if shutdown is not None:
+            shutdown()
         self.iterator = iter(())
         _kill_workers(self.workers)
         self.workers = []
