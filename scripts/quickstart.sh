@@ -5,15 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 VENV=${VENV:-.venv}
-DEB_DIR=/usr/share/datasets/fashion-mnist
 extra=()
-if [ ! -d "$DEB_DIR" ] && [ ! -f data/FashionMNIST/raw/train-images-idx3-ubyte ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "[quickstart] installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
-        { apt-get install -y -qq dataset-fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }; } \
-            >/dev/null 2>&1 || true
-    fi
-    if [ ! -d "$DEB_DIR" ]; then
+# data/FashionMNIST/raw (the config's data_dir; not in the repository): train.py unpacks the Debian package's files
+# there, else torchvision downloads them
+if [ ! -f data/FashionMNIST/raw/train-images-idx3-ubyte ]; then
+    bash scripts/get_fashion_mnist.sh quickstart
+    if [ ! -d /usr/share/datasets/fashion-mnist ]; then
         echo "[quickstart] Debian package not available: torchvision will download Fashion-MNIST"
         extra+=(--dataset-download)
     fi

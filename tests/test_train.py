@@ -16,7 +16,8 @@ from PIL import Image
 import dcls_timm  # noqa: F401
 from dcls_timm.training import ConfigError, NonFiniteLossError, parse_args, run
 from dcls_timm.training import trainer as main_module
-from dcls_timm.training.data import FASHION_MNIST_DEBIAN_DIR, prepare_fashion_mnist
+from dcls_timm.training import data as data_module
+from dcls_timm.training.data import build_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--model', 'convnext_atto_dcls', '--model-kwargs', 'depths=(1,1,1,1)', 'dims=(8,16,16,16)',
@@ -174,6 +175,49 @@ def test_empty_data_dir_and_config_errors(tmp_path):
         parse_args(['-c', str(tmp_path / 'missing.yaml')])
 
 
+def _write_debian_fashion_mnist(source: Path, n_train: int = 20, n_test: int = 10):
+    """The Debian package's layout (dataset-fashion-mnist): the four gzipped IDX files, here of random images."""
+    import gzip
+    rng = np.random.default_rng(0)
+    source.mkdir(parents=True)
+    for prefix, n in [('train', n_train), ('t10k', n_test)]:
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        with gzip.open(source / f'{prefix}-images-idx3-ubyte.gz', 'wb') as f:
+            f.write(np.array([0x803, n, 28, 28], dtype='>i4').tobytes() + images.tobytes())
+        with gzip.open(source / f'{prefix}-labels-idx1-ubyte.gz', 'wb') as f:
+            f.write(np.array([0x801, n], dtype='>i4').tobytes() + labels.tobytes())
+
+
+def _fashion_mnist_args(data_dir: Path):
+    return parse_args(['--model', 'convnext_atto_dcls', '--dataset', 'torch/fashion_mnist', '--data-dir',
+                       str(data_dir)])
+
+
+def test_fashion_mnist_data_dir_missing_is_made_from_the_debian_files(tmp_path, monkeypatch):
+    """The configs' ``data_dir: data`` on a fresh clone: the package's files are unpacked into data/FashionMNIST/raw."""
+    _write_debian_fashion_mnist(tmp_path / 'debian')
+    monkeypatch.setattr(data_module, 'FASHION_MNIST_DEBIAN_DIR', tmp_path / 'debian')
+    data_dir = tmp_path / 'data'
+    train = build_dataset(_fashion_mnist_args(data_dir), 'train', is_training=True)
+    test = build_dataset(_fashion_mnist_args(data_dir), 'test', is_training=False)
+    assert len(train) == 20 and len(test) == 10
+    assert int(train[3][1]) == 3
+    assert sorted(p.name for p in (data_dir / 'FashionMNIST' / 'raw').iterdir()) == [
+        't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte', 'train-images-idx3-ubyte', 'train-labels-idx1-ubyte']
+
+
+def test_fashion_mnist_data_dir_missing_without_debian_files_says_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, 'FASHION_MNIST_DEBIAN_DIR', tmp_path / 'not_installed')
+    hint = r'apt-get install dataset-fashion-mnist.*--dataset-download'
+    with pytest.raises(ConfigError, match=f'Data directory not found: .*{hint}'):
+        build_dataset(_fashion_mnist_args(tmp_path / 'data'), 'train', is_training=True)
+    assert not (tmp_path / 'data').exists()
+    (tmp_path / 'data').mkdir()  # there but empty: torchvision's error, with the same hint
+    with pytest.raises(ConfigError, match=hint):
+        build_dataset(_fashion_mnist_args(tmp_path / 'data'), 'train', is_training=True)
+
+
 def test_cli_reports_errors_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / 'train.py'), '--model', 'no_such_model', '--data-dir',
                            str(tmp_path)], capture_output=True, text=True, timeout=120)
@@ -212,9 +256,10 @@ def test_torchrun_two_processes_gloo(image_folder, tmp_path):
     assert torch.load(out / 'last.pth.tar', weights_only=True)['epoch'] == 1
 
 
-def _fashion_mnist_subset(root: Path, per_class_train: int, per_class_test: int) -> Path:
+def _fashion_mnist_subset(root: Path, out: Path, per_class_train: int, per_class_test: int) -> Path:
+    """Image folders ``out/{train,test}/class<k>`` with the first n images per class of Fashion-MNIST in ``root``
+    (the ``fashion_mnist_root`` fixture: ``root/FashionMNIST/raw``)."""
     from torchvision.datasets import FashionMNIST
-    out = root / 'fmnist_subset'
     for split, train, n in [('train', True, per_class_train), ('test', False, per_class_test)]:
         ds = FashionMNIST(str(root), train=train, download=False)
         counts = [0] * 10
@@ -229,10 +274,8 @@ def _fashion_mnist_subset(root: Path, per_class_train: int, per_class_test: int)
     return out
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DEBIAN_DIR.is_dir(), reason='Fashion-MNIST files not installed')
-def test_learns_on_fashion_mnist(tmp_path):
-    assert prepare_fashion_mnist(str(tmp_path))
-    data = _fashion_mnist_subset(tmp_path, 150, 50)
+def test_learns_on_fashion_mnist(fashion_mnist_root, tmp_path):
+    data = _fashion_mnist_subset(fashion_mnist_root, tmp_path / 'fmnist_subset', 150, 50)
     argv = ['--model', 'convnext_atto_dcls', '--model-kwargs', 'dcls_kernel_size=9', 'conv_mlp=False',
             '--data-dir', str(data), '--val-split', 'test', '--num-classes', '10', '--input-size', '1', '32', '32',
             '--input-img-mode', 'L', '--mean', '0.286', '--std', '0.353', '--crop-pct', '1.0', '--color-jitter',
@@ -253,10 +296,8 @@ def test_flags_amp_bf16_channels_last_accumulation_layer_decay(image_folder, tmp
     assert 'train_lr_layer0_positions' not in header and 'positions' in header  # positions per layer-decay depth
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DEBIAN_DIR.is_dir(), reason='Fashion-MNIST files not installed')
-def test_flexnet_learns_on_fashion_mnist_and_evaluates_across_resolutions(tmp_path):
-    assert prepare_fashion_mnist(str(tmp_path))
-    data = _fashion_mnist_subset(tmp_path, 100, 30)
+def test_flexnet_learns_on_fashion_mnist_and_evaluates_across_resolutions(fashion_mnist_root, tmp_path):
+    data = _fashion_mnist_subset(fashion_mnist_root, tmp_path / 'fmnist_subset', 100, 30)
     common = ['--data-dir', str(data), '--num-classes', '10', '--input-img-mode', 'L', '--mean', '0.286',
               '--std', '0.353', '--crop-pct', '1.0', '--device', 'cpu', '--workers', '0']
     # trained at 16 px with a 17-point kernel grid (FlexConv recipe: Adam, masks at lr x 0.1, anti-aliasing loss)
