@@ -3,8 +3,9 @@
     python -m dcls_timm.info convnext_tiny_dcls            # 28.59 M params, 4.98 GFLOPs (+0.07 G kernel construction)
 
 FLOPs are fvcore's (one per multiply-accumulate). A DCLS or continuous-kernel convolution counts as the dense
-convolution with its constructed kernel (the papers' convention); building the kernels (the DCLS interpolation
-matmuls, the MAGNet kernel networks) is reported apart.
+convolution with its constructed kernel (the papers' convention), an FFT convolution as the direct one it equals (a
+causal kernel of n taps: n multiply-accumulates per output step); building the kernels (the DCLS interpolation
+matmuls, the MAGNet and SIREN kernel networks) is reported apart.
 """
 import argparse
 import json
@@ -57,13 +58,17 @@ def model_info(model: nn.Module, input_size: Tuple[int, ...] = (3, 224, 224)) ->
         ``gflops_total`` (fvcore's whole count), ``gflops_by_operator`` and the operators fvcore skipped.
     """
     from fvcore.nn import FlopCountAnalysis
-    from dcls_timm.layers import continuous_convs, dcls_layers
+    from dcls_timm.layers import dcls_layers, kernel_net_convs
     model = model.eval()
     x = torch.randn(1, *input_size)
     layers = list(dcls_layers(model))
     saved = [layer.fast_path for layer in layers]
     for layer in layers:  # count the dense convolution with the whole kernel, as the papers do
         layer.fast_path = False
+    continuous = kernel_net_convs(model)
+    saved_fft = [layer.fft for layer in continuous]
+    for layer in continuous:  # an FFT convolution counts as the direct one it computes (fvcore has no FFT handles)
+        layer.fft = 'never'
     try:
         analysis = FlopCountAnalysis(model, x)
         analysis.set_op_handle('prim::PythonOp._DepthwiseConv2d', _depthwise_flops,
@@ -76,12 +81,14 @@ def model_info(model: nn.Module, input_size: Tuple[int, ...] = (3, 224, 224)) ->
     finally:
         for layer, fast in zip(layers, saved):
             layer.fast_path = fast
+        for layer, fft in zip(continuous, saved_fft):
+            layer.fft = fft
     by_module = analysis.by_module()
     names = {m: n for n, m in model.named_modules()}
     by_operator = analysis.by_operator()
     construction = _dcls_construction_flops(model) + sum(
         by_operator.get(f'PythonOp.{fn}', 0) for fn in ('_BilinearKernel2d', '_GaussKernel2d'))
-    construction += sum(by_module.get(f'{names[m]}.kernel_net', 0) for m in continuous_convs(model))
+    construction += sum(by_module.get(f'{names[m]}.kernel_net', 0) for m in continuous)
     return {
         'params': sum(p.numel() for p in model.parameters()),
         'input_size': list(input_size),
@@ -107,7 +114,10 @@ def main(argv: Sequence[str] = None) -> Dict[str, Any]:
     args = parser.parse_args(argv)
     from dcls_timm.errors import check_model_name
     check_model_name(args.model)
-    model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
+    kwargs = dict(args.model_kwargs)
+    if args.input_size is not None:
+        kwargs.setdefault('in_chans', args.input_size[0])
+    model = timm.create_model(args.model, num_classes=args.num_classes, **kwargs)
     input_size = tuple(args.input_size or model.pretrained_cfg['input_size'])
     info = dict(model=args.model, **model_info(model, input_size))
     if args.json:

@@ -11,7 +11,6 @@ import dcls_timm  # noqa: F401
 from dcls_timm.layers import SeparableFlexConv, SirenCKConv, causal_conv1d, continuous_convs
 from dcls_timm.layers.flexconv import FlexConv
 from dcls_timm.models.ckcnn import _PUBLISHED_RENAMES
-from dcls_timm.training.data import FASHION_MNIST_DEBIAN_DIR
 
 CCNN_PARAMS = [  # (model, kwargs, SPEC 8.1 total)
     ('ccnn_4_140', dict(data_dim=1, in_chans=1), 198_769),    # sMNIST / pMNIST / Speech raw
@@ -259,13 +258,10 @@ def test_recipe_export_and_flops_for_ccnn_1d():
     assert info['params'] == sum(p.numel() for p in model.parameters()) and info['gflops'] > 0
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DEBIAN_DIR.is_dir(), reason='Fashion-MNIST files not installed')
-def test_fashion_mnist_as_784_step_sequences_learns(tmp_path):
+def test_fashion_mnist_as_784_step_sequences_learns(fashion_mnist_root, tmp_path):
     from test_train import _fashion_mnist_subset
     from dcls_timm.training import parse_args, run
-    from dcls_timm.training.data import prepare_fashion_mnist
-    assert prepare_fashion_mnist(str(tmp_path))
-    data = _fashion_mnist_subset(tmp_path, 50, 20)
+    data = _fashion_mnist_subset(fashion_mnist_root, tmp_path / 'fmnist_subset', 50, 20)
     argv = ['--model', 'ckcnn_2_30', '--model-kwargs', 'hidden=16', 'omega_0=30.5', '--data-dir', str(data),
             '--val-split', 'test', '--num-classes', '10', '--input-size', '1', '28', '28', '--input-img-mode', 'L',
             '--mean', '0.286', '--std', '0.353', '--crop-pct', '1.0', '--color-jitter', '0', '--hflip', '0',

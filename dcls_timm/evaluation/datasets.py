@@ -11,7 +11,8 @@ from timm.data import ImageDataset
 
 from dcls_timm.errors import UnreadableImageError
 
-__all__ = ['WnidImageFolder', 'IMG_EXTENSIONS', 'restrict', 'read_image', 'CheckedImageDataset', 'checked_dataset']
+__all__ = ['WnidImageFolder', 'IMG_EXTENSIONS', 'restrict', 'read_image', 'CheckedImageDataset', 'checked_dataset',
+           'SubsetDataset', 'fixed_subset']
 
 _logger = logging.getLogger(__name__)
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
@@ -172,3 +173,39 @@ def restrict(dataset: WnidImageFolder, class_indices: Sequence[int]) -> torch.ut
     """The samples of ``dataset`` whose label is one of ``class_indices``."""
     keep = set(class_indices)
     return torch.utils.data.Subset(dataset, [i for i, (_, t) in enumerate(dataset.samples) if t in keep])
+
+
+class SubsetDataset(torch.utils.data.Dataset):
+    """The samples ``indices`` of ``dataset``; ``transform`` reads and sets the underlying dataset's (timm's loaders
+    set it after the dataset is built), other attributes (``classes``, ``reader``) are the dataset's."""
+
+    def __init__(self, dataset, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, list(indices)
+
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value) -> None:
+        self.dataset.transform = value
+
+    def __getattr__(self, name: str):
+        if name in ('dataset', 'indices') or name.startswith('__'):  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)  # classes, reader, ...
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.indices[index]]
+
+
+def fixed_subset(dataset, size: int, seed: int = 0) -> SubsetDataset:
+    """``size`` samples of ``dataset`` drawn without replacement by a fixed seed (a property of the data, not of the
+    run: every run and ``validate.py`` with the same size see the same samples), in dataset order."""
+    if size < 1 or size > len(dataset):
+        raise ValueError(f'A subset of {size} samples of a dataset of {len(dataset)}: choose 1..{len(dataset)}.')
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
+    return SubsetDataset(dataset, sorted(order.tolist()))

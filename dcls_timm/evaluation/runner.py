@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--dataset', default='', help="timm dataset for the 'dataset' suite, e.g. torch/cifar10 ('': image folders)")
     p.add_argument('--split', default='validation', help="split for the 'dataset' suite")
     p.add_argument('--dataset-download', action='store_true')
+    p.add_argument('--subset', type=int, default=0, metavar='N',
+                   help="'dataset' suite: N samples drawn by a fixed seed, the same as train.py --val-subset N (0: all)")
     p.add_argument('--c-preprocess', default='resize', choices=['resize', 'as-is'],
                    help="ImageNet-C images through the eval transform ('resize') or as stored ('as-is')")
     p.add_argument('--kernel-resolution', type=int, default=None,
@@ -280,7 +282,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     stop = StopRequest()
     ctx = SuiteContext(
         transform=transform, transform_as_is=as_is, c_preprocess=args.c_preprocess, data_config=data_config,
-        dataset=(args.dataset, args.split, args.dataset_download), img_mode=img_mode, class_map=args.class_map,
+        dataset=(args.dataset, args.split, args.dataset_download, args.subset), img_mode=img_mode, class_map=args.class_map,
         evaluate=partial(evaluate_dataset, model, device=device, batch_size=args.batch_size, workers=workers,
                          amp_autocast=autocast, channels_last=channels_last, distributed=args.distributed,
                          skip_unreadable=args.skip_unreadable, normalize=normalize, stop=stop))

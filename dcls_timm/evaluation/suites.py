@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .classes import imagenet_wnid_to_index, subset_classes
-from .datasets import WnidImageFolder, checked_dataset, restrict
+from .datasets import WnidImageFolder, checked_dataset, fixed_subset, restrict
 from .evaluator import counts_to_metrics
 from .metrics import ALL_CORRUPTIONS, CORRUPTIONS, corruption_summary
 
@@ -31,7 +31,7 @@ class SuiteContext:
     transform_as_is: Callable  # only the conversion to a tensor: no resize or crop
     evaluate: Callable[..., Dict[str, Any]]  # evaluate_dataset with device, batch, amp, distributed bound
     c_preprocess: str = 'resize'
-    dataset: tuple = ('', 'validation', False)  # (timm dataset name, split, download) for the 'dataset' suite
+    dataset: tuple = ('', 'validation', False, 0)  # (timm dataset name, split, download, subset) for 'dataset'
     img_mode: str = 'RGB'  # PIL mode the 'dataset' suite loads ('L' for one-channel models)
     class_map: str = ''  # a timm class-map file (folder name -> index) replacing the ImageNet wnid order
     data_config: Optional[Dict[str, Any]] = None  # what ``transform`` was built from (input_size, crop_pct, ...)
@@ -105,11 +105,14 @@ def plan_units(name: str, ctx: SuiteContext, root: str) -> List[Unit]:
         def build():
             """Any timm dataset with its own labels (e.g. torch/cifar10, image folders), for non-ImageNet models."""
             from timm.data import create_dataset
-            dataset, split, download = ctx.dataset
+            dataset, split, download, subset = ctx.dataset
+            if dataset.lower() == 'torch/fashion_mnist' and not download:
+                from dcls_timm.training.data import prepare_fashion_mnist  # here: training imports evaluation
+                prepare_fashion_mnist(root)
             ds = checked_dataset(create_dataset(dataset, root=root, split=split, download=download,
                                                 input_img_mode=ctx.img_mode, class_map=ctx.class_map))
             ds.transform = ctx.transform
-            return ds
+            return fixed_subset(ds, subset) if subset else ds
         return [Unit('dataset', f'dataset {ctx.dataset[0] or "image folder"}', build)]
     raise ValueError(f'Unknown suite {name!r}; choose from {", ".join(SUITES)}.')
 
@@ -141,7 +144,9 @@ def suite_info(name: str, ctx: SuiteContext, root: str) -> Tuple[Dict[str, Any],
         must = ('label', 'c_preprocess')
     elif name == 'dataset':
         info.update(dataset=ctx.dataset[0], split=ctx.dataset[1])
-        must = ('dataset', 'split')
+        if ctx.dataset[3]:  # recorded only when set: files from before the option stay continuable
+            info['subset'] = ctx.dataset[3]
+        must = ('dataset', 'split', 'subset')
     return info, must
 
 

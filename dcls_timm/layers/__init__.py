@@ -9,4 +9,4 @@ from .flexconv import (
     set_kernel_resolution,
 )
 from .magnet import MAGNet, coordinate_grid
-from .siren import SirenCKConv, SirenKernel, WeightNormConv1x1
+from .siren import SirenCKConv, SirenKernel, WeightNormConv1x1, kernel_net_convs

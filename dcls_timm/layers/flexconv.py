@@ -258,6 +258,11 @@ class _ContinuousConvNd(nn.Module):
             kernel = kernel * ((self.train_kernel_size - 1) / (self.kernel_size - 1)) ** self.dim
         return kernel
 
+    def sampled_kernel(self) -> torch.Tensor:
+        """The kernel the last forward pass convolved with (cropped and masked; causal: its taps alone), rebuilt
+        from the current parameters. Input-length kernels need a forward pass first."""
+        return self.causal_kernel() if self.causal else self.construct_kernel()
+
     def _use_fft(self, sizes: Sequence[int]) -> bool:
         if self.fft != 'auto':
             return self.fft == 'always'

@@ -14,14 +14,16 @@ the module deep-copies at any time (the legacy hook leaves a non-leaf ``weight``
 hence timm's EMA, rejects). Init: PyTorch's default Conv1d init for ``v`` and ``bias`` with ``g = ||v||``, which is
 what the published weights effectively started from (the authors' SIREN init is undone by weight norm).
 """
+from typing import List, Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from .flexconv import CAUSAL_FFT_MIN_TAPS, causal_conv1d
+from .flexconv import CAUSAL_FFT_MIN_TAPS, causal_conv1d, continuous_convs
 
-__all__ = ['WeightNormConv1x1', 'SirenKernel', 'SirenCKConv']
+__all__ = ['WeightNormConv1x1', 'SirenKernel', 'SirenCKConv', 'kernel_net_convs']
 
 
 class WeightNormConv1x1(nn.Module):
@@ -82,18 +84,28 @@ class SirenCKConv(nn.Module):
         self.in_channels, self.out_channels, self.fft = in_channels, out_channels, fft
         self.kernel_net = SirenKernel(out_channels * in_channels, hidden, omega_0, device=device, dtype=dtype)
         self.bias = nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype)) if bias else None
+        self._last_length: Optional[int] = None  # input length of the last forward: the kernel's length
 
-    def construct_kernel(self, length: int) -> torch.Tensor:
-        """The kernel ``[C_out, C_in, length]`` on ``linspace(-1, 1, length)``; the last tap is lag 0."""
+    def construct_kernel(self, length: Optional[int] = None) -> torch.Tensor:
+        """The kernel ``[C_out, C_in, length]`` on ``linspace(-1, 1, length)``; the last tap is lag 0. ``length``
+        defaults to the last forward pass's input length."""
+        length = self._last_length if length is None else length
+        if length is None:
+            raise RuntimeError('A SIREN CKConv kernel is as long as its input: give length or run a forward pass.')
         ref = self.kernel_net.layers[0].weight_v
         coords = torch.linspace(-1., 1., length, device=ref.device, dtype=ref.dtype)
         return self.kernel_net(coords).view(self.out_channels, self.in_channels, length)
+
+    def sampled_kernel(self) -> torch.Tensor:
+        """The kernel the last forward pass convolved with, rebuilt from the current parameters."""
+        return self.construct_kernel()
 
     def _use_fft(self, length: int) -> bool:
         return self.fft == 'always' or (self.fft == 'auto' and length >= CAUSAL_FFT_MIN_TAPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         length = x.shape[-1]
+        self._last_length = length
         kernel = self.construct_kernel(length)
         kernel = kernel.to(x.dtype) if not torch.is_autocast_enabled() else kernel
         return causal_conv1d(x, kernel, self.bias, fft=self._use_fft(length))
@@ -104,3 +116,9 @@ class SirenCKConv(nn.Module):
 
 # the kernel length follows the input length (host data): leaves for FX
 register_notrace_module(SirenCKConv)
+
+
+def kernel_net_convs(model: nn.Module) -> List[nn.Module]:
+    """Every convolution whose kernel a network samples (CKConv, FlexConv, SIREN CKConv): each has ``kernel_net``,
+    ``fft``, ``bias`` and ``sampled_kernel()``."""
+    return [m for m in model.modules() if isinstance(m, SirenCKConv)] + list(continuous_convs(model))

@@ -41,7 +41,7 @@ class SequenceInput(nn.Module):
         if x.dim() == 4:
             x = x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3])
         elif x.dim() != 3:
-            raise ValueError(f'A sequence model takes [B, C, L] sequences or [B, C, H, W] images, got {tuple(x.shape)}.')
+            raise ValueError(f'A sequence model takes [B, C, L] sequences or [B, C, H, W] images, got {list(x.shape)}.')
         if self.permutation is not None:
             if x.shape[-1] != self.permutation.numel():
                 raise ValueError(f'The permutation has {self.permutation.numel()} steps, the input {x.shape[-1]}.')

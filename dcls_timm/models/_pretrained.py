@@ -349,7 +349,8 @@ def build_dcls_model(
 ) -> nn.Module:
     """timm's ``build_model_with_cfg`` with the weights of ``pretrained=True`` loaded by the project's loader.
 
-    Without ``pretrained`` it is ``build_model_with_cfg`` unchanged. With it: the pretrained cfg is resolved as timm
+    Without ``pretrained`` it is ``build_model_with_cfg``, with the ``model_args`` of a tag named explicitly (e.g.
+    ``ckcnn_2_30.pmnist``: its permutation and omega_0) as defaults. With it: the pretrained cfg is resolved as timm
     does (``pretrained_cfg``, tag, ``pretrained_cfg_overlay``), the weights are read first (:func:`read_pretrained`),
     the published file's ``model_args`` become defaults, a file with different positions per block (matching one
     of ``block_positions``, in the file's naming) builds the model with ``dcls_shared_positions=False`` unless that
@@ -369,6 +370,13 @@ def build_dcls_model(
             ``feature_cfg``, ``cache_dir``...) and model arguments.
     """
     if not pretrained:
+        tag = kwargs.get('pretrained_cfg')
+        if isinstance(tag, str) and tag:
+            # a tag named explicitly ('ckcnn_2_30.pmnist') builds what its weights were trained as, weights or not:
+            # a checkpoint of it loaded later (validate.py --checkpoint) then meets the right architecture
+            published = published_weights(resolve_pretrained_cfg(variant, pretrained_cfg=tag).to_dict())
+            for k, v in (published.model_args if published else {}).items():
+                kwargs.setdefault(k, v)
         return build_model_with_cfg(model_cls, variant, False, pretrained_filter_fn=pretrained_filter_fn, **kwargs)
 
     pretrained_cfg = resolve_pretrained_cfg(

@@ -16,17 +16,15 @@ Their flat state dicts (``backbone.{b}.cconv{1,2}.Kernel.kernel_net.{0,4,8}.*``,
 ``backbone.0.shortcut.0.*``, ``finallyr.*``) load through :func:`checkpoint_filter_fn`.
 """
 import re
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import get_device_dtype
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
 from dcls_timm.layers import SirenCKConv
 
-from ._classifier_net import SequenceHead, SequenceInput
+from ._classifier_net import SequenceHead, SequenceInput, StemBlocksClassifier
 from ._pretrained import build_dcls_model, dcls_cfg
 
 __all__ = ['CKCNN', 'CKBlock', 'checkpoint_filter_fn']
@@ -54,8 +52,9 @@ class CKBlock(nn.Module):
         return self.act(out + self.shortcut(x))
 
 
-class CKCNN(nn.Module):
-    """CKCNN: ``depth`` residual CKConv blocks of width ``hidden`` and a last-step linear classifier."""
+class CKCNN(StemBlocksClassifier):
+    """CKCNN: ``depth`` residual CKConv blocks of width ``hidden`` and a last-step linear classifier (no stem, no
+    final norm: feature index 0 is the input sequence, 1.. the blocks')."""
 
     def __init__(
             self,
@@ -99,62 +98,19 @@ class CKCNN(nn.Module):
         self.in_chans = in_chans
         self.seq_input = SequenceInput(permute, permutation_seed, permutation_length, device=device)
         self.drop_in = nn.Dropout(dropout_in)
+        self.stem = nn.Identity()  # none: the blocks read the input sequence
         self.blocks = nn.Sequential(*[
             CKBlock(in_chans if i == 0 else hidden, hidden, omega_0, kernel_hidden, dropout, fft, **dd)
             for i in range(depth)])
-        self.feature_info = [dict(num_chs=hidden, reduction=1, module=f'blocks.{i}') for i in range(depth)]
+        self.norm = nn.Identity()
+        self.feature_info = [dict(num_chs=in_chans, reduction=1, module='stem')] + [
+            dict(num_chs=hidden, reduction=1, module=f'blocks.{i}') for i in range(depth)]
         self.num_features = self.head_hidden_size = hidden
         self.head = SequenceHead(hidden, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r'^seq_input', blocks=r'^blocks\.(\d+)')
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            raise NotImplementedError('CKCNN has no gradient checkpointing.')
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool, **get_device_dtype(self))
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCL',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """The ``[B, C, L]`` outputs of the blocks, as timm's ``forward_intermediates`` (no final norm: ``norm``
-        is accepted and ignored)."""
-        assert output_fmt in ('NCL', 'NCHW'), 'Output shape must be NCL (channels first).'
-        take, max_index = feature_take_indices(len(self.blocks), indices)
-        intermediates = []
-        x = self.drop_in(self.seq_input(x))
-        blocks = self.blocks if not stop_early else self.blocks[:max_index + 1]
-        for i, block in enumerate(blocks):
-            x = block(x)
-            if i in take:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.drop_in(self.seq_input(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 _PUBLISHED_RENAMES = (
@@ -192,7 +148,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 
 def _create_ckcnn(variant: str, pretrained: bool = False, **kwargs) -> CKCNN:
     return build_dcls_model(CKCNN, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                            feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1)), **kwargs)
+                            feature_cfg=dict(flatten_sequential=True, out_indices=(1, 2)), **kwargs)
 
 
 _REPO = 'https://github.com/dwromero/ckconv'

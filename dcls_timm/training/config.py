@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--train-split', default='train')
     g.add_argument('--val-split', default='validation', help="'' to skip evaluation")
     g.add_argument('--dataset-download', action='store_true', help='let torchvision datasets download')
+    g.add_argument('--train-subset', type=int, default=0, metavar='N',
+                   help='train on N samples drawn by a fixed seed (the same for every run; 0: all)')
+    g.add_argument('--val-subset', type=int, default=0, metavar='N',
+                   help="evaluate on N samples drawn by a fixed seed (validate.py --subset N: the same ones; 0: all)")
     g.add_argument('--class-map', default='', help='class map file for image folders')
     g.add_argument('--input-img-mode', default=None, help="image mode of the loader, e.g. 'L' for grey")
     g.add_argument('--skip-unreadable', action='store_true',
@@ -136,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--mask-lr-scale', type=float, default=0.1, help='lr multiplier of the Gaussian masks')
     g.add_argument('--antialias-factor', type=float, default=0.1, help='anti-aliasing loss weight (0: off)')
     g.add_argument('--antialias-target', default='gabor+mask', choices=['gabor', 'gabor+mask'])
+    g.add_argument('--l2-penalty', type=float, default=0., metavar='LAMBDA',
+                   help='add LAMBDA * (sum of L2 norms, not squared) to the loss, as CCNN/CKCNN train (use with '
+                        '--weight-decay 0); 0: off')
+    g.add_argument('--l2-penalty-scope', default='all', choices=['all', 'kernels'],
+                   help="all: parameters outside the kernel networks + sampled kernels (CCNN); kernels: sampled "
+                        "kernels + conv biases (CKCNN)")
 
     g = p.add_argument_group('Misc')
     g.add_argument('--seed', type=int, default=42)

@@ -4,13 +4,13 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from timm.data import create_dataset, create_loader
 from torchvision import transforms
 
 from dcls_timm.errors import ConfigError
-from dcls_timm.evaluation.datasets import checked_dataset
+from dcls_timm.evaluation.datasets import checked_dataset, fixed_subset
 
 __all__ = ['FASHION_MNIST_DEBIAN_DIR', 'prepare_fashion_mnist', 'build_dataset', 'build_loader']
 
@@ -21,12 +21,17 @@ _FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
                         't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
 
 
-def prepare_fashion_mnist(root: str, source: Path = FASHION_MNIST_DEBIAN_DIR) -> bool:
+def prepare_fashion_mnist(root: str, source: Optional[Path] = None) -> bool:
     """Put Fashion-MNIST where torchvision looks (``<root>/FashionMNIST/raw``), from the Debian package's files.
+
+    Args:
+        root: the data directory (made when missing and the source exists).
+        source: a directory holding the four gzipped IDX files; default ``FASHION_MNIST_DEBIAN_DIR``.
 
     Returns:
         True if the files are in place (already, or unpacked now), False if neither they nor the source exist.
     """
+    source = Path(FASHION_MNIST_DEBIAN_DIR if source is None else source)
     raw = Path(root) / 'FashionMNIST' / 'raw'
     if all((raw / n).is_file() for n in _FASHION_MNIST_FILES):
         return True
@@ -42,7 +47,7 @@ def prepare_fashion_mnist(root: str, source: Path = FASHION_MNIST_DEBIAN_DIR) ->
     return True
 
 
-def build_dataset(args: Any, split: str, is_training: bool):
+def build_dataset(args: Any, split: str, is_training: bool, subset: int = 0):
     """``timm.data.create_dataset`` with the run's arguments; missing or empty data become a ConfigError.
 
     Image files are loaded so that an unreadable one stops the run with an UnreadableImageError naming the file
@@ -50,25 +55,40 @@ def build_dataset(args: Any, split: str, is_training: bool):
     image is used in its place, each time with a warning naming the file and the running count.
     """
     is_torch = args.dataset.lower().startswith('torch/')
+    fashion = args.dataset.lower() == 'torch/fashion_mnist'
     if args.data_dir is None:
         raise ConfigError('No --data-dir given.')
+    # Fashion-MNIST: the Debian package's files are unpacked first (this makes the data directory when missing)
+    if fashion and not args.dataset_download and not prepare_fashion_mnist(args.data_dir) \
+            and not os.path.isdir(args.data_dir):
+        raise ConfigError(f'Data directory not found: {args.data_dir}, and no Fashion-MNIST files in '
+                          f'{FASHION_MNIST_DEBIAN_DIR} to unpack there: install them with '
+                          f'`apt-get install dataset-fashion-mnist`, or add --dataset-download to let torchvision '
+                          f'download them.')
     if not is_torch or not args.dataset_download:
         if not os.path.isdir(args.data_dir):
             raise ConfigError(f'Data directory not found: {args.data_dir}')
-    if args.dataset.lower() == 'torch/fashion_mnist' and not args.dataset_download:
-        prepare_fashion_mnist(args.data_dir)
     try:
         dataset = create_dataset(
             args.dataset, root=args.data_dir, split=split, is_training=is_training, class_map=args.class_map,
             download=args.dataset_download, batch_size=args.batch_size, seed=args.seed,
             input_img_mode=args.input_img_mode)
     except RuntimeError as e:
-        hint = ' (add --dataset-download to fetch it)' if is_torch else ''
+        if fashion:
+            hint = ' (install it with `apt-get install dataset-fashion-mnist`, or add --dataset-download to fetch it)'
+        else:
+            hint = ' (add --dataset-download to fetch it)' if is_torch else ''
         raise ConfigError(f"Could not load split '{split}' of dataset '{args.dataset or 'image folder'}' from "
                           f'{args.data_dir}{hint}: {e}') from None
     if len(dataset) == 0:
         raise ConfigError(f"Split '{split}' of {args.data_dir} holds no images.")
-    return checked_dataset(dataset, skip_unreadable=getattr(args, 'skip_unreadable', False))
+    dataset = checked_dataset(dataset, skip_unreadable=getattr(args, 'skip_unreadable', False))
+    if subset:
+        try:
+            dataset = fixed_subset(dataset, subset)
+        except ValueError as e:
+            raise ConfigError(f"Split '{split}': {e}") from None
+    return dataset
 
 
 def build_loader(

@@ -23,7 +23,7 @@ from timm.utils import (
 
 from dcls_timm.checkpoint import load_into, load_weights, pick_weights
 from dcls_timm.errors import ConfigError, check_model_name
-from dcls_timm.recipe import CompositeRecipe, DclsRecipe, FlexConvRecipe, PositionMonitor
+from dcls_timm.recipe import CompositeRecipe, DclsRecipe, FlexConvRecipe, L2PenaltyRecipe, PositionMonitor
 
 from .checkpoint import AtomicCheckpointSaver, load_training_checkpoint, plain_args, rng_state, set_rng_state
 from .config import parse_args
@@ -73,6 +73,10 @@ def _recipe(args: Any, model: nn.Module) -> Optional[CompositeRecipe]:
             raise ConfigError(f"--{flag.replace('_', '-')} on, but model '{args.model}' has no layers it applies to.")
         if mode == 'on' or (mode == 'auto' and fits):
             parts.append(make())
+    if args.l2_penalty < 0:
+        raise ConfigError(f'--l2-penalty must be >= 0, got {args.l2_penalty}.')
+    if args.l2_penalty > 0:
+        parts.append(L2PenaltyRecipe(args.l2_penalty, args.l2_penalty_scope))
     return CompositeRecipe(parts) if parts else None
 
 
@@ -159,12 +163,13 @@ def run(args: Any) -> Dict[str, Any]:
     primary = args.rank == 0
     random_seed(args.seed, args.rank)
     # data first: a wrong path fails before a large model is built
-    dataset_train = build_dataset(args, args.train_split, is_training=True)
+    dataset_train = build_dataset(args, args.train_split, is_training=True, subset=args.train_subset)
     full_batch = args.batch_size * args.world_size
     if len(dataset_train) < full_batch:
         raise ConfigError(f'The batch ({args.batch_size} x {args.world_size} processes = {full_batch}) is larger than '
                           f'the {len(dataset_train)} training images: lower -b/--batch-size.')
-    dataset_eval = build_dataset(args, args.val_split, is_training=False) if args.val_split else None
+    dataset_eval = build_dataset(args, args.val_split, is_training=False, subset=args.val_subset) \
+        if args.val_split else None
 
     model = build_model(args)
     if args.num_classes is None:
