@@ -142,3 +142,18 @@ def test_fixed_subset_is_a_property_of_the_data():
         fixed_subset(DS(), 51)
     import pickle
     assert pickle.loads(pickle.dumps(fixed_subset(data, 5))).indices == fixed_subset(data, 5).indices
+
+
+def test_a_named_tag_builds_its_architecture_without_weights(tmp_path):
+    model = timm.create_model('ckcnn_2_30.pmnist')
+    assert model.seq_input.permutation is not None  # the tag's permutation, as its weights were trained
+    assert model.blocks[0].conv1.kernel_net.omega_0 == pytest.approx(43.45667389601194)
+    assert timm.create_model('ckcnn_2_30.pmnist', permute=False).seq_input.permutation is None  # given wins
+    assert timm.create_model('ckcnn_2_30').seq_input.permutation is None  # no tag named: the plain defaults
+    # a checkpoint of the tag (validate.py --model ckcnn_2_30.pmnist --checkpoint f) meets the right model
+    torch.save(model.state_dict(), tmp_path / 'f.pth')
+    from dcls_timm.checkpoint import load_weights
+    other = timm.create_model('ckcnn_2_30.pmnist')
+    load_weights(other, str(tmp_path / 'f.pth'))
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(other.eval()(x), model.eval()(x))
