@@ -106,12 +106,41 @@ def test_kernel_window_is_the_restriction_of_the_whole_kernel():
     outside = full.clone()
     outside[..., r0:r1, c0:c1] = 0
     assert outside.abs().max() == 0  # nothing is lost outside the window
-    assert position_window(P, (9, 11), 'gauss') is None
-    with pytest.raises(ValueError, match='gauss'):
-        construct_kernel(w, P, torch.ones_like(P), (9, 11), 'gauss', window)
+    with pytest.raises(ValueError, match='SIG'):
+        position_window(P, (9, 11), 'gauss')
     with pytest.raises(ValueError, match='window'):
         construct_kernel(w, P, None, (9, 11), 'v0', [(0, 10), (0, 11)])
     assert position_window(torch.full_like(P, float('nan')), (9, 11), 'v0') is None
+
+
+@pytest.mark.parametrize('sizes', [(23, 23), (21, 17), (23,), (17, 15, 15)])
+def test_gaussian_window_is_exact(sizes):
+    """Gaussian profiles are zero beyond GAUSS_RADIUS widths (below the floor): the window the positions and widths
+    span holds every non-zero tap, so the windowed kernel and its gradients equal the whole kernel's."""
+    from dcls_timm.layers.kernel import GAUSS_RADIUS
+    torch.manual_seed(0)
+    nd = len(sizes)
+    w = torch.randn(6, 1, 5, requires_grad=True)
+    P = (0.6 * torch.randn(nd, 6, 1, 5)).requires_grad_()
+    SIG = (0.23 + 0.2 * torch.rand(nd, 6, 1, 5)).requires_grad_()
+    window = position_window(P, sizes, 'gauss', SIG)
+    assert any(b - a < n for (a, b), n in zip(window, sizes))  # near the centre: a real crop
+    sig = SIG.detach().abs() + 0.27
+    for axis, ((a, b), n) in enumerate(zip(window, sizes)):
+        assert a <= (P[axis].detach() - GAUSS_RADIUS * sig[axis]).min() + n // 2 + 1
+        assert b >= (P[axis].detach() + GAUSS_RADIUS * sig[axis]).max() + n // 2
+    full = construct_kernel(w, P, SIG, sizes, 'gauss')
+    part = construct_kernel(w, P, SIG, sizes, 'gauss', window)
+    index = (Ellipsis,) + tuple(slice(a, b) for a, b in window)
+    torch.testing.assert_close(part, full[index], rtol=1e-5, atol=1e-7)
+    outside = full.detach().clone()
+    outside[index] = 0
+    assert outside.abs().max() == 0  # the floor makes everything outside exactly zero
+    g = torch.randn_like(full)
+    grads_full = torch.autograd.grad((full * g).sum(), (w, P, SIG))
+    grads_part = torch.autograd.grad((part * g[index]).sum(), (w, P, SIG))
+    for a, b in zip(grads_part, grads_full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item())
 
 
 def test_kernel_reused_without_grad_until_a_parameter_changes():

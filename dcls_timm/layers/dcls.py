@@ -220,8 +220,8 @@ class _DclsNd(nn.Module):
 
     def _cropped_kernel(self, size: Sequence[int]) -> Tuple[torch.Tensor, Tuple[int, ...]]:
         """The kernel and the (centred) padding to convolve with, every axis with centred padding cropped to the
-        taps that are non-zero (``v0``/``v1`` on CPU: the window the positions span) and that can reach an
-        ``n``-long input (``2n - 1`` taps). Exact for values and gradients."""
+        taps that are non-zero (on CPU: the window the positions span, Gaussians widened by their radius) and
+        that can reach an ``n``-long input (``2n - 1`` taps). Exact for values and gradients."""
         owner = self.positions_owner()
         tensors = [t for t in (self.weight, owner.P, owner.SIG) if t is not None]
         dynamic = not (torch.jit.is_tracing() or torch.compiler.is_compiling())  # host reads and Python state
@@ -234,7 +234,7 @@ class _DclsNd(nn.Module):
         # the window the positions span is read on the host: free on CPU, a stall of the stream per layer on GPUs
         support = None
         if dynamic and owner.P.device.type == 'cpu':
-            support = position_window(owner.P, self.dilated_kernel_size, self.version)
+            support = position_window(owner.P, self.dilated_kernel_size, self.version, owner.SIG)
         window, reach, padding = [], [], []
         for axis, (d, p, n) in enumerate(zip(self.dilated_kernel_size, self._conv_padding, size)):
             if d != 2 * p + 1:  # not centred: nothing to crop

@@ -10,7 +10,10 @@ parameters is kept for backward.
 
 A ``window`` restricts the construction to a sub-grid: with ``v0``/``v1`` an element only touches (and only gets
 gradient from) the two taps around it per axis, so every tap outside the window spanned by the positions is exactly
-zero and the kernel can be built, and convolved, at that size.
+zero and the kernel can be built, and convolved, at that size. Gaussian profiles are zero below ``_GAUSS_FLOOR``
+(1e-12 of their peak), i.e. beyond ``GAUSS_RADIUS`` (7.43) widths of their position, so a Gaussian kernel is exactly
+zero outside the positions' span widened by that radius, and its window is exact too (normalised over the whole
+grid, as without a window).
 """
 import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple
@@ -20,15 +23,19 @@ from torch.autograd.function import once_differentiable
 
 from .derived_cache import DerivedCache
 
-__all__ = ['DCLS_VERSIONS', 'SIG_OFFSET', 'SIG_INIT', 'construct_kernel', 'interpolation_profiles', 'position_window']
+__all__ = ['DCLS_VERSIONS', 'SIG_OFFSET', 'SIG_INIT', 'GAUSS_RADIUS', 'construct_kernel', 'interpolation_profiles',
+           'position_window']
 
 DCLS_VERSIONS = ('v0', 'v1', 'gauss')
 SIG_OFFSET = 0.27  # sigma = |SIG| + SIG_OFFSET keeps the Gaussian at least ~one tap wide
 SIG_INIT = 0.23  # sigma = 0.5 at init
 _NORM_EPS = 1e-7
-# Gaussian tails below this are zero: they would reach denormal floats, which CPUs multiply ~100x slower (a
-# ConvNeXt-T-gauss at init ran 4x slower), and they are 20+ orders below float32's resolution of the kernel
-_GAUSS_FLOOR = 1e-30
+# Gaussian tails below this fraction of their peak are zero: 4+ orders below float32's resolution of the kernel
+# (2^-23 of its largest value), and without a floor they reach denormal floats, which CPUs multiply ~100x slower (a
+# ConvNeXt-T-gauss at init ran 4x slower). It bounds each profile's support to GAUSS_RADIUS widths of its centre,
+# which makes Gaussian kernels croppable to the taps the positions reach.
+_GAUSS_FLOOR = 1e-12
+GAUSS_RADIUS = math.sqrt(-2. * math.log(_GAUSS_FLOOR))  # exp(-r^2 / 2) = floor: 7.43
 
 
 def interpolation_profiles(
@@ -91,12 +98,13 @@ class _GaussKernel2d(torch.autograd.Function):
     matmul; the backward recomputes the profiles instead of saving them."""
 
     @staticmethod
-    def forward(ctx, weight, P, SIG, sizes):
+    def forward(ctx, weight, P, SIG, sizes, window):
         a, b = interpolation_profiles(P, SIG, sizes, 'gauss')
-        scaled = weight / (a.sum(-2) * b.sum(-2) + _NORM_EPS)
+        scaled = weight / (a.sum(-2) * b.sum(-2) + _NORM_EPS)  # normalised over the whole grid
+        (r0, r1), (c0, c1) = window
         ctx.save_for_backward(weight, P, SIG)
-        ctx.sizes = sizes
-        kernel = torch.matmul(a * scaled.unsqueeze(-2), b.transpose(-1, -2))
+        ctx.sizes, ctx.window = sizes, window
+        kernel = torch.matmul(a[..., r0:r1, :] * scaled.unsqueeze(-2), b[..., c0:c1, :].transpose(-1, -2))
         return kernel.masked_fill_(kernel.abs() < _GAUSS_FLOOR, 0.)
 
     @staticmethod
@@ -104,20 +112,25 @@ class _GaussKernel2d(torch.autograd.Function):
     def backward(ctx, grad):
         weight, P, SIG = ctx.saved_tensors
         grad = grad.to(weight.dtype)  # under autocast the kernel (so its gradient) may be in lower precision
+        (r0, r1), (c0, c1) = ctx.window
         a, b = interpolation_profiles(P, SIG, ctx.sizes, 'gauss')
         sum_a, sum_b = a.sum(-2), b.sum(-2)
         inv_mass = 1. / (sum_a * sum_b + _NORM_EPS)
         scaled = weight * inv_mass
-        grad_first = torch.matmul(grad, b)  # [O, I, D0, K]
-        grad_b = torch.matmul(grad.transpose(-1, -2), a * scaled.unsqueeze(-2))  # [O, I, D1, K]
-        grad_scaled = (grad_first * a).sum(-2)
+        a_w, b_w = a[..., r0:r1, :], b[..., c0:c1, :]
+        grad_first = torch.matmul(grad, b_w)  # [O, I, window rows, K]
+        grad_second = torch.matmul(grad.transpose(-1, -2), a_w * scaled.unsqueeze(-2))  # [O, I, window cols, K]
+        grad_scaled = (grad_first * a_w).sum(-2)
         grad_mass = -grad_scaled * weight * inv_mass * inv_mass
-        grad_a = grad_first * scaled.unsqueeze(-2) + (grad_mass * sum_b).unsqueeze(-2)
-        grad_b = grad_b + (grad_mass * sum_a).unsqueeze(-2)
+        # every tap enters the normalisation; outside the window the profiles are zero, so is their gradient
+        grad_a = (grad_mass * sum_b).unsqueeze(-2).expand_as(a).clone()
+        grad_a[..., r0:r1, :] += grad_first * scaled.unsqueeze(-2)
+        grad_b = (grad_mass * sum_a).unsqueeze(-2).expand_as(b).clone()
+        grad_b[..., c0:c1, :] += grad_second
         grads = [_gauss_profile_grads(P[axis], SIG[axis], ctx.sizes[axis], prof, g)
                  for axis, (prof, g) in enumerate(((a, grad_a), (b, grad_b)))]
         return (grad_scaled * inv_mass, torch.stack([g[0] for g in grads]), torch.stack([g[1] for g in grads]),
-                None)
+                None, None)
 
 
 class _TapGeometry(NamedTuple):
@@ -212,15 +225,21 @@ class _BilinearKernel2d(torch.autograd.Function):
         return grad_weight, grad_P, None, None, None, None
 
 
-def position_window(P: torch.Tensor, dilated_kernel_size: Sequence[int],
-                    version: str) -> Optional[List[Tuple[int, int]]]:
-    """The ``(start, stop)`` grid taps per axis outside which a ``v0``/``v1`` kernel and its gradients are exactly
-    zero: from the lowest element's lower tap to the highest element's upper one. ``None`` for ``gauss`` (whose
-    profiles never vanish). Reads the positions on the host (one synchronisation)."""
-    if version == 'gauss':
-        return None
+def position_window(P: torch.Tensor, dilated_kernel_size: Sequence[int], version: str,
+                    SIG: Optional[torch.Tensor] = None) -> Optional[List[Tuple[int, int]]]:
+    """The ``(start, stop)`` grid taps per axis outside which the kernel and its gradients are exactly zero: from
+    the lowest element's lower tap to the highest element's upper one (``gauss``: each element's position
+    +- ``GAUSS_RADIUS`` widths, beyond which its profile is below the floor, so zero). ``None`` where the positions
+    are not finite. Reads the positions (and widths) on the host (one synchronisation)."""
     flat = P.detach().flatten(1)
-    bounds = torch.stack([flat.amin(1), flat.amax(1)], 1).floor().tolist()
+    if version == 'gauss':
+        if SIG is None:
+            raise ValueError("version='gauss' needs SIG.")
+        reach = GAUSS_RADIUS * (SIG.detach().flatten(1).abs() + SIG_OFFSET)
+        low, high = (flat - reach).amin(1), (flat + reach).amax(1)
+    else:
+        low, high = flat.amin(1), flat.amax(1)
+    bounds = torch.stack([low, high], 1).floor().tolist()
     if not all(math.isfinite(b) for pair in bounds for b in pair):
         return None  # non-finite positions: the whole grid, and the loss reports the problem
     window = []
@@ -248,8 +267,8 @@ def construct_kernel(
         dilated_kernel_size: Dense kernel size per axis (any size, odd or even).
         version: ``'v0'``, ``'v1'`` or ``'gauss'``.
         window: Optional ``(start, stop)`` taps per axis: build only that part of the kernel. Exact for ``v0``
-            (the kernel's restriction) and for ``v1`` when it holds every element's taps (:func:`position_window`;
-            ``v1`` normalises over the window); not for ``gauss``.
+            (the kernel's restriction) and for ``v1``/``gauss`` when it holds every element's non-zero taps
+            (:func:`position_window`; they normalise over the window, which then holds their whole mass).
         cache: Optional :class:`DerivedCache`, owned by whoever owns ``P``, in which 2-D ``v0``/``v1``
             construction keeps the tap geometry of the current positions for the layers sharing them and for the
             backward pass.
@@ -263,14 +282,12 @@ def construct_kernel(
         raise ValueError(f"Unknown DCLS version '{version}', expected one of {DCLS_VERSIONS}.")
     sizes = tuple(dilated_kernel_size)
     if window is not None:
-        if version == 'gauss':
-            raise ValueError("A window is not exact for version='gauss' (its profiles never vanish).")
         window = tuple((int(a), int(b)) for a, b in window)
         if len(window) != len(sizes) or any(not 0 <= a < b <= n for (a, b), n in zip(window, sizes)):
             raise ValueError(f'window must hold one (start, stop) with 0 <= start < stop <= size per axis of '
                              f'{sizes}, got {window}.')
     if len(sizes) == 2 and version == 'gauss':
-        return _GaussKernel2d.apply(weight, P, SIG, sizes)
+        return _GaussKernel2d.apply(weight, P, SIG, sizes, window or tuple((0, n) for n in sizes))
     if len(sizes) == 2:
         return _BilinearKernel2d.apply(weight, P, sizes, version, window or tuple((0, n) for n in sizes), cache)
     profiles = interpolation_profiles(P, SIG, sizes, version, window)
