@@ -216,10 +216,11 @@ def test_autocast_state_is_part_of_the_kernel_key(model_name):
         torch.testing.assert_close(model(x), copy.deepcopy(model)(x), rtol=0, atol=0)
 
 
-def test_caches_are_used():
-    """The caches do their job: the geometry is built once per shared position tensor and step, the eval kernel
-    once while the parameters stay the same."""
-    model, x = _convnext('v0')()
+@pytest.mark.parametrize('version', ['v0', 'gauss'])
+def test_caches_are_used(version):
+    """The caches do their job: the geometry (tap geometry, Gaussian profiles) is built once per shared position
+    tensor and step, the eval kernel once while the parameters stay the same."""
+    model, x = _convnext(version)()
     _fill_caches(model, x)
     holder = model.stages[0].positions
     geometry = holder.construction_cache._entry[2]

@@ -82,28 +82,53 @@ def interpolation_profiles(
     return profiles
 
 
-def _gauss_profile_grads(P: torch.Tensor, SIG: torch.Tensor, size: int, prof: torch.Tensor,
-                         grad_prof: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gradient of one axis' Gaussian profiles ``[O, I, D, K]`` w.r.t. that axis' positions and widths."""
-    grid = torch.arange(size, device=P.device, dtype=P.dtype).unsqueeze(-1)
-    sig = SIG.unsqueeze(-2)
-    s = sig.abs() + SIG_OFFSET
-    t = (grid - P.unsqueeze(-2) - size // 2) / s
-    g_t = grad_prof * prof * t / s  # d prof / d p = prof * t / s
-    return g_t.sum(-2), ((g_t * t).sum(-2, keepdim=True) * sig.sign()).squeeze(-2)
+class _GaussGeometry(NamedTuple):
+    """The Gaussian profiles of every element along each axis and what their derivatives need: depends on the
+    positions and widths only, so the layers sharing them (and each layer's backward) can reuse it."""
+    profiles: List[torch.Tensor]  # [O, I, D, K] per axis (floored)
+    sums: List[torch.Tensor]  # [O, I, K] per axis
+    slopes: List[torch.Tensor]  # d prof / d p = prof * t / s, [O, I, D, K] per axis
+    t: List[torch.Tensor]  # (grid - p) / s, [O, I, D, K] per axis
+    sig_sign: List[torch.Tensor]  # sign(SIG), [O, I, K] per axis
+
+
+def _gauss_geometry(P: torch.Tensor, SIG: torch.Tensor, sizes: Sequence[int]) -> _GaussGeometry:
+    profiles = interpolation_profiles(P, SIG, sizes, 'gauss')
+    slopes, ts = [], []
+    for axis, (size, prof) in enumerate(zip(sizes, profiles)):
+        grid = torch.arange(size, device=P.device, dtype=P.dtype).unsqueeze(-1)
+        s = SIG[axis].unsqueeze(-2).abs() + SIG_OFFSET
+        t = (grid - P[axis].unsqueeze(-2) - size // 2) / s
+        slopes.append(prof * t / s)
+        ts.append(t)
+    return _GaussGeometry(profiles, [p.sum(-2) for p in profiles], slopes, ts, [sig.sign() for sig in SIG])
+
+
+def _cached_gauss_geometry(P: torch.Tensor, SIG: torch.Tensor, sizes: Sequence[int],
+                           cache: Optional[DerivedCache]) -> _GaussGeometry:
+    if cache is None:
+        return _gauss_geometry(P, SIG, sizes)
+    key = (tuple(sizes), 'gauss')
+    geometry = cache.get([P, SIG], key)
+    if geometry is None:
+        geometry = _gauss_geometry(P, SIG, sizes)
+        cache.put([P, SIG], key, geometry)
+    return geometry
 
 
 class _GaussKernel2d(torch.autograd.Function):
     """``kernel[o, i] = sum_k w'_k a_k (x) b_k`` with ``a``/``b`` the row/column Gaussian profiles, as one batched
-    matmul; the backward recomputes the profiles instead of saving them."""
+    matmul; the backward recomputes the profiles instead of saving them (or reuses them from ``cache``, shared by
+    the layers of a stage)."""
 
     @staticmethod
-    def forward(ctx, weight, P, SIG, sizes, window):
-        a, b = interpolation_profiles(P, SIG, sizes, 'gauss')
-        scaled = weight / (a.sum(-2) * b.sum(-2) + _NORM_EPS)  # normalised over the whole grid
+    def forward(ctx, weight, P, SIG, sizes, window, cache):
+        geo = _cached_gauss_geometry(P, SIG, sizes, cache)
+        (a, b), (sum_a, sum_b) = geo.profiles, geo.sums
+        scaled = weight / (sum_a * sum_b + _NORM_EPS)  # normalised over the whole grid
         (r0, r1), (c0, c1) = window
         ctx.save_for_backward(weight, P, SIG)
-        ctx.sizes, ctx.window = sizes, window
+        ctx.sizes, ctx.window, ctx.cache = sizes, window, cache
         kernel = torch.matmul(a[..., r0:r1, :] * scaled.unsqueeze(-2), b[..., c0:c1, :].transpose(-1, -2))
         return kernel.masked_fill_(kernel.abs() < _GAUSS_FLOOR, 0.)
 
@@ -113,8 +138,8 @@ class _GaussKernel2d(torch.autograd.Function):
         weight, P, SIG = ctx.saved_tensors
         grad = grad.to(weight.dtype)  # under autocast the kernel (so its gradient) may be in lower precision
         (r0, r1), (c0, c1) = ctx.window
-        a, b = interpolation_profiles(P, SIG, ctx.sizes, 'gauss')
-        sum_a, sum_b = a.sum(-2), b.sum(-2)
+        geo = _cached_gauss_geometry(P, SIG, ctx.sizes, ctx.cache)
+        (a, b), (sum_a, sum_b) = geo.profiles, geo.sums
         inv_mass = 1. / (sum_a * sum_b + _NORM_EPS)
         scaled = weight * inv_mass
         a_w, b_w = a[..., r0:r1, :], b[..., c0:c1, :]
@@ -127,10 +152,12 @@ class _GaussKernel2d(torch.autograd.Function):
         grad_a[..., r0:r1, :] += grad_first * scaled.unsqueeze(-2)
         grad_b = (grad_mass * sum_a).unsqueeze(-2).expand_as(b).clone()
         grad_b[..., c0:c1, :] += grad_second
-        grads = [_gauss_profile_grads(P[axis], SIG[axis], ctx.sizes[axis], prof, g)
-                 for axis, (prof, g) in enumerate(((a, grad_a), (b, grad_b)))]
-        return (grad_scaled * inv_mass, torch.stack([g[0] for g in grads]), torch.stack([g[1] for g in grads]),
-                None, None)
+        grad_P, grad_SIG = [], []
+        for axis, g in enumerate((grad_a, grad_b)):
+            g_t = g * geo.slopes[axis]
+            grad_P.append(g_t.sum(-2))
+            grad_SIG.append((g_t * geo.t[axis]).sum(-2) * geo.sig_sign[axis])
+        return grad_scaled * inv_mass, torch.stack(grad_P), torch.stack(grad_SIG), None, None, None
 
 
 class _TapGeometry(NamedTuple):
@@ -269,9 +296,9 @@ def construct_kernel(
         window: Optional ``(start, stop)`` taps per axis: build only that part of the kernel. Exact for ``v0``
             (the kernel's restriction) and for ``v1``/``gauss`` when it holds every element's non-zero taps
             (:func:`position_window`; they normalise over the window, which then holds their whole mass).
-        cache: Optional :class:`DerivedCache`, owned by whoever owns ``P``, in which 2-D ``v0``/``v1``
-            construction keeps the tap geometry of the current positions for the layers sharing them and for the
-            backward pass.
+        cache: Optional :class:`DerivedCache`, owned by whoever owns ``P``, in which 2-D construction keeps what
+            depends on the positions (and widths) only, the tap geometry (``v0``/``v1``) or the Gaussian profiles,
+            for the layers sharing them and for the backward pass.
 
     Returns:
         The dense kernel (or its window), differentiable w.r.t. ``weight``, ``P`` and ``SIG``.
@@ -287,7 +314,7 @@ def construct_kernel(
             raise ValueError(f'window must hold one (start, stop) with 0 <= start < stop <= size per axis of '
                              f'{sizes}, got {window}.')
     if len(sizes) == 2 and version == 'gauss':
-        return _GaussKernel2d.apply(weight, P, SIG, sizes, window or tuple((0, n) for n in sizes))
+        return _GaussKernel2d.apply(weight, P, SIG, sizes, window or tuple((0, n) for n in sizes), cache)
     if len(sizes) == 2:
         return _BilinearKernel2d.apply(weight, P, sizes, version, window or tuple((0, n) for n in sizes), cache)
     profiles = interpolation_profiles(P, SIG, sizes, version, window)
