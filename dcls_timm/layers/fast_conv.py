@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['depthwise_conv2d', 'use_fast_depthwise']
+__all__ = ['depthwise_conv2d', 'use_fast_depthwise', 'fft_size']
 
 
 def use_fast_depthwise(x: torch.Tensor, weight: torch.Tensor, stride: Tuple[int, int], groups: int) -> bool:
@@ -27,16 +27,18 @@ def use_fast_depthwise(x: torch.Tensor, weight: torch.Tensor, stride: Tuple[int,
     return weight.shape[-2] * weight.shape[-1] >= 49
 
 
-def _fft_size(n: int) -> int:
+def fft_size(n: int) -> int:
     """Smallest size >= n with only the factors 2, 3 and 5: FFTs of prime lengths are several times slower."""
-    while True:
-        m = n
+    # written for TorchScript too (causal_conv1d of baked models calls it): no //=, one return after the loop
+    rest = 0
+    while rest != 1:
+        rest = n
         for p in (2, 3, 5):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return n
-        n += 1
+            while rest % p == 0:
+                rest = rest // p
+        if rest != 1:
+            n += 1
+    return n
 
 
 def _fft_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: Tuple[int, int],
@@ -46,7 +48,7 @@ def _fft_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: Tuple
     in frequency space. The FFT only needs to be long enough that no wanted lag aliases with another."""
     sizes, lags = [], []
     for n, k, p in zip(x.shape[-2:], kernel_size, padding):
-        size = _fft_size(n + max(p, k - 1 - p))
+        size = fft_size(n + max(p, k - 1 - p))
         sizes.append(size)
         lags.append((torch.arange(k, device=x.device) - p) % size)
     X = torch.fft.rfft2(x.contiguous(), s=sizes)

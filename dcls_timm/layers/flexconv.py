@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
+from .fast_conv import fft_size
 from .magnet import MAGNet, coordinate_grid
 
 __all__ = ['CKConv', 'FlexConv', 'SeparableFlexConv', 'fft_conv', 'causal_conv1d', 'continuous_convs',
@@ -50,7 +51,7 @@ def fft_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     if any(k % 2 == 0 for k in ks):
         raise ValueError('fft_conv needs odd kernel sizes.')
     dtype = torch.promote_types(x.dtype, torch.float32)
-    full = [n + k - 1 for n, k in zip(spatial, ks)]
+    full = [fft_size(n + k - 1) for n, k in zip(spatial, ks)]  # longer than the linear convolution: no aliasing
     X = torch.fft.rfftn(x.to(dtype), s=full, dim=dims)
     K = torch.fft.rfftn(weight.to(dtype).flip(dims), s=full, dim=dims)  # correlation = convolution, flipped
     if groups == 1:
@@ -82,7 +83,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if not fft:
         return F.conv1d(F.pad(x, (n - 1, 0)), weight, bias, groups=groups)
     dtype = torch.promote_types(x.dtype, torch.float32)
-    full = length + n - 1
+    full = fft_size(length + n - 1)  # e.g. 784 steps and 784 taps: 1600, not the prime 1567 (2-4x faster FFTs)
     X = torch.fft.rfft(x.to(dtype), n=full)
     K = torch.fft.rfft(weight.to(dtype).flip(-1), n=full)  # correlation with w = convolution with w flipped
     if groups == 1:
@@ -291,6 +292,10 @@ class _ContinuousConvNd(nn.Module):
         kernel = self.construct_kernel()
         if self._use_fft(kernel.shape[2:]):
             return fft_conv(x, kernel, self.bias, groups)
+        if self.dim == 2 and x.device.type == 'cpu':
+            # CPU convolutions (oneDNN) run 1.3-3x faster, forward and backward, on channels-last tensors; the
+            # output stays channels-last, so the next layer pays no conversion
+            x = x.contiguous(memory_format=torch.channels_last)
         return _CONV_FNS[self.dim](x, kernel.to(x.dtype) if not torch.is_autocast_enabled() else kernel, self.bias,
                                    padding=[s // 2 for s in kernel.shape[2:]], groups=groups)
 
