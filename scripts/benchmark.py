@@ -42,7 +42,8 @@ DCLS_ROUTE = 'dcls-package:'  # prefix: a timm ConvNeXt with the dcls package's 
 DEFAULT_PAIRS = (
     'convnext_tiny_dcls:convnext_tiny', 'convnext_small_dcls:convnext_small', 'convnext_base_dcls:convnext_base',
     'convnext_atto_dcls:convnext_atto', 'convnext_tiny_dcls_gauss:convnext_tiny', 'resnet50_dcls:resnet50',
-    'dcls-package:convnext_tiny:convnext_tiny',
+    'dcls-package:convnext_tiny:convnext_tiny', 'fastvit_sa24_dcls:fastvit_sa24', 'fastvit_sa36_dcls:fastvit_sa36',
+    'convformer_s18_dcls:convformer_s18', 'caformer_s18_dcls:caformer_s18',
 )
 # the goals of the performance issue: (pair, mode or measure, device type) -> (bound, 'min' or 'max')
 TARGETS = {
@@ -211,6 +212,22 @@ def kernel_construction(model_name: str, repeats: int) -> dict:
     return out
 
 
+def multiply_accumulates(pairs: Sequence[str], img_size: int) -> List[dict]:
+    """GMACs of both models of each pair, as the papers count them (a DCLS conv as the dense conv with its whole
+    kernel: what a trained model computes); ``bound`` = baseline / model, the throughput ratio a compute-bound
+    step would reach."""
+    from dcls_timm.info import model_info
+    out = []
+    for pair in pairs:
+        model_name, base_name = split_pair(pair)
+        if model_name.startswith(DCLS_ROUTE):  # the package's route computes the same convs as ours
+            model_name = model_name[len(DCLS_ROUTE):] + '_dcls'
+        gmacs = [model_info(timm.create_model(n), (3, img_size, img_size))['gflops'] for n in (model_name, base_name)]
+        out.append({'pair': pair, 'model_gmacs': gmacs[0], 'baseline_gmacs': gmacs[1], 'ratio': gmacs[0] / gmacs[1],
+                    'bound': gmacs[1] / gmacs[0]})
+    return out
+
+
 def machine(device: torch.device) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -264,6 +281,14 @@ def to_markdown(results: dict) -> str:
         for r in results['memory']:
             lines.append(f"| {r['model']} | {r['baseline']} | {r['positions']} | {r['model_bytes'] / 2 ** 20:.0f} | "
                          f"{r['baseline_bytes'] / 2 ** 20:.0f} | **{r['ratio']:.3f}** | {r['verdict']} |")
+    if results.get('macs'):
+        lines += ['', 'Multiply-accumulates per image (fvcore, a DCLS conv counted as the dense conv with its whole kernel: '
+                      'what a trained model computes); compute bound = baseline / model GMACs, the throughput ratio '
+                      'a compute-bound step would reach:', '',
+                  '| pair | model GMACs | baseline GMACs | ratio | compute bound |', '|---|---|---|---|---|']
+        for r in results['macs']:
+            lines.append(f"| {r['pair']} | {r['model_gmacs']:.3f} | {r['baseline_gmacs']:.3f} | {r['ratio']:.3f} | "
+                         f"{r['bound']:.3f} |")
     k = results.get('kernel_construction')
     if k:
         lines += ['', f"Kernel construction, forward + backward, all {k['layers']} DCLS layers of {k['model']} "
@@ -292,6 +317,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: leave the default)')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
+    parser.add_argument('--no-macs', action='store_true', help='skip the multiply-accumulate counts')
     parser.add_argument('--kernel-model', default='convnext_tiny_dcls',
                         help="kernel construction vs the dcls package for this model ('' to skip)")
     parser.add_argument('--json', default='', help='write the results here')
@@ -353,6 +379,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                           'verdict': _verdict(ratio, _target(pair, 'memory', device))})
                 print(f'{model_name} vs {base_name} peak train memory {positions}: {mb / 2 ** 20:.0f} MiB vs '
                       f'{bb / 2 ** 20:.0f} MiB, ratio {ratio:.3f}', flush=True)
+    if not args.no_macs:
+        results['macs'] = multiply_accumulates(pairs, args.img_size)
     if args.kernel_model:
         k = kernel_construction(args.kernel_model, args.repeats)
         k['time_verdict'] = _verdict(k['time_ratio'], _target('kernel construction', 'time', torch.device('cpu')))

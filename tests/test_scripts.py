@@ -57,6 +57,11 @@ def test_benchmark_runs_end_to_end(tmp_path):
     assert k['layers'] == 12 and 0 < k['time_ratio'] and 0 < k['memory_ratio'] < 1
     assert '| convnext_atto_dcls | convnext_atto | train | eager | init |' in md
     assert 'dcls 0.1.1 ConstructKernel2d' in md and 'Command: `python scripts/benchmark.py' in md
+    macs = {r['pair']: r for r in result['macs']}
+    assert set(macs) == {'convnext_atto_dcls:convnext_atto', 'dcls-package:convnext_atto:convnext_atto'}
+    for r in macs.values():  # 17x17 instead of 7x7 depthwise kernels: more MACs, so a bound below 1
+        assert r['model_gmacs'] > r['baseline_gmacs'] > 0 and r['bound'] == r['baseline_gmacs'] / r['model_gmacs'] < 1
+    assert '| convnext_atto_dcls:convnext_atto |' in md and 'compute bound' in md
 
 
 def test_benchmark_compiled_inference(tmp_path):
