@@ -82,36 +82,39 @@ def interpolation_profiles(
     return profiles
 
 
-class _GaussGeometry(NamedTuple):
-    """The Gaussian profiles of every element along each axis and what their derivatives need: depends on the
-    positions and widths only, so the layers sharing them (and each layer's backward) can reuse it."""
-    profiles: List[torch.Tensor]  # [O, I, D, K] per axis (floored)
-    sums: List[torch.Tensor]  # [O, I, K] per axis
-    slopes: List[torch.Tensor]  # d prof / d p = prof * t / s, [O, I, D, K] per axis
-    t: List[torch.Tensor]  # (grid - p) / s, [O, I, D, K] per axis
-    sig_sign: List[torch.Tensor]  # sign(SIG), [O, I, K] per axis
+class _GaussGeometry:
+    """The Gaussian profiles of every element along each axis, their sums and (built on first use, by the first
+    backward pass) what their derivatives need: depends on the positions and widths only, so the layers sharing them
+    (and each layer's backward) can reuse it."""
 
+    def __init__(self, P: torch.Tensor, SIG: torch.Tensor, sizes: Sequence[int]):
+        self.P, self.SIG, self.sizes = P.detach().clone(), SIG.detach().clone(), tuple(sizes)  # as derived from
+        self.profiles = interpolation_profiles(self.P, self.SIG, sizes, 'gauss')  # [O, I, D, K] per axis, floored
+        self.sums = [p.sum(-2) for p in self.profiles]  # [O, I, K] per axis
+        self._derivatives: Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]] = None
 
-def _gauss_geometry(P: torch.Tensor, SIG: torch.Tensor, sizes: Sequence[int]) -> _GaussGeometry:
-    profiles = interpolation_profiles(P, SIG, sizes, 'gauss')
-    slopes, ts = [], []
-    for axis, (size, prof) in enumerate(zip(sizes, profiles)):
-        grid = torch.arange(size, device=P.device, dtype=P.dtype).unsqueeze(-1)
-        s = SIG[axis].unsqueeze(-2).abs() + SIG_OFFSET
-        t = (grid - P[axis].unsqueeze(-2) - size // 2) / s
-        slopes.append(prof * t / s)
-        ts.append(t)
-    return _GaussGeometry(profiles, [p.sum(-2) for p in profiles], slopes, ts, [sig.sign() for sig in SIG])
+    def derivatives(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Per axis: ``d prof / d p = prof * t / s`` and ``t = (grid - p) / s`` (``d prof / d s = slope * t``)."""
+        if self._derivatives is None:
+            slopes, ts = [], []
+            for axis, (size, prof) in enumerate(zip(self.sizes, self.profiles)):
+                grid = torch.arange(size, device=self.P.device, dtype=self.P.dtype).unsqueeze(-1)
+                s = self.SIG[axis].unsqueeze(-2).abs() + SIG_OFFSET
+                t = (grid - self.P[axis].unsqueeze(-2) - size // 2) / s
+                slopes.append(prof * t / s)
+                ts.append(t)
+            self._derivatives = slopes, ts
+        return self._derivatives
 
 
 def _cached_gauss_geometry(P: torch.Tensor, SIG: torch.Tensor, sizes: Sequence[int],
                            cache: Optional[DerivedCache]) -> _GaussGeometry:
     if cache is None:
-        return _gauss_geometry(P, SIG, sizes)
+        return _GaussGeometry(P, SIG, sizes)
     key = (tuple(sizes), 'gauss')
     geometry = cache.get([P, SIG], key)
     if geometry is None:
-        geometry = _gauss_geometry(P, SIG, sizes)
+        geometry = _GaussGeometry(P, SIG, sizes)
         cache.put([P, SIG], key, geometry)
     return geometry
 
@@ -153,10 +156,11 @@ class _GaussKernel2d(torch.autograd.Function):
         grad_b = (grad_mass * sum_a).unsqueeze(-2).expand_as(b).clone()
         grad_b[..., c0:c1, :] += grad_second
         grad_P, grad_SIG = [], []
+        slopes, ts = geo.derivatives()
         for axis, g in enumerate((grad_a, grad_b)):
-            g_t = g * geo.slopes[axis]
+            g_t = g * slopes[axis]
             grad_P.append(g_t.sum(-2))
-            grad_SIG.append((g_t * geo.t[axis]).sum(-2) * geo.sig_sign[axis])
+            grad_SIG.append((g_t * ts[axis]).sum(-2) * SIG[axis].sign())
         return grad_scaled * inv_mass, torch.stack(grad_P), torch.stack(grad_SIG), None, None, None
 
 
