@@ -389,12 +389,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         results['kernel_construction'] = k
         print(f"kernel construction {args.kernel_model}: time ratio {k['time_ratio']:.3f}, "
               f"memory ratio {k['memory_ratio']:.4f}", flush=True)
-    markdown = to_markdown(results)
+    return write_results(results, to_markdown(results), args.json, args.markdown)
+
+
+def write_results(results: dict, markdown: str, json_path: str = '', markdown_path: str = '') -> dict:
+    """Print the markdown, write the JSON and markdown files where asked; returns ``results``."""
     print(markdown)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    if args.markdown:
-        Path(args.markdown).write_text(markdown)
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2))
+    if markdown_path:
+        Path(markdown_path).write_text(markdown)
     return results
 
 

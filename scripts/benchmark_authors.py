@@ -57,7 +57,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dcls_timm  # noqa: E402,F401  (registers the models)
-from benchmark import _stats, machine, time_interleaved  # noqa: E402
+from benchmark import _stats, machine, time_interleaved, write_results  # noqa: E402
 from fetch_authors_code import DEFAULT_DEST, REPOS, check as check_copy  # noqa: E402
 
 CASES = {
@@ -524,11 +524,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parser.parse_args(argv)
     if args.render:
         results = json.loads(Path(args.render).read_text())
-        markdown = to_markdown(results)
-        print(markdown)
-        if args.markdown:
-            Path(args.markdown).write_text(markdown)
-        return results
+        return write_results(results, to_markdown(results), '', args.markdown)
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = [c for c in args.cases.split(',') if c]
@@ -639,13 +635,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             del models, layers
 
     results['load_average']['end'] = os.getloadavg()[0]
-    markdown = to_markdown(results)
-    print(markdown)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    if args.markdown:
-        Path(args.markdown).write_text(markdown)
-    return results
+    return write_results(results, to_markdown(results), args.json, args.markdown)
 
 
 if __name__ == '__main__':
