@@ -21,7 +21,7 @@ from dcls_timm.training import parse_args, run
 from dcls_timm.training.checkpoint import AtomicCheckpointSaver, load_training_checkpoint
 from dcls_timm.training.trainer import build_model
 from test_train import ROOT, _argv, image_folder  # noqa: F401  (image_folder: the module-scoped fixture)
-from upstream import upstream_state_dict
+from upstream import randomize_state_, upstream_state_dict
 
 # atto depths (2, 2, 6, 2): 2+ blocks per stage; K given, so that shared and per-block models have the same shapes
 CONVNEXT_KWARGS = dict(dims=(8, 16, 24, 32), dcls_kernel_size=5, dcls_kernel_count=16)
@@ -44,17 +44,7 @@ def _model(name, seed, **kwargs):
     so that every weight and every position shows in the logits."""
     model = timm.create_model(name, **{'num_classes': 10, **kwargs}).eval()
     if seed is not None:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for k, t in model.state_dict().items():
-                if not t.is_floating_point():
-                    continue
-                if k.endswith('.P'):
-                    t.copy_(torch.rand(t.shape, generator=g) * 4 - 2)  # on the 5x5 grid
-                elif k.endswith('running_var'):
-                    t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-                else:
-                    t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+        randomize_state_(model, seed, 0.3)
     return model
 
 

@@ -14,6 +14,7 @@ import dcls_timm  # noqa: F401
 from dcls_timm.checkpoint import CheckpointMismatchError, load_weights
 from dcls_timm.layers import Dcls2d, DclsPositions, dcls_layers, position_owners
 from dcls_timm.models import DclsRepConditionalPosEnc, FastVitDcls, MetaFormerDcls, plugin_models
+from upstream import randomize_state_
 from test_fx_autocast import TIMM_TRACER, _assert_fx_trains_like_eager, _spread_positions_
 
 # SPEC 6: the authors' models, 1000 classes, and the dense timm models they come from
@@ -38,17 +39,7 @@ def tiny(name, seed=None, **kwargs):
     every weight shows in the logits."""
     model = timm.create_model(name, num_classes=10, **dict(TINY[name], **kwargs))
     if seed is not None:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for k, t in model.state_dict().items():
-                if not t.is_floating_point():
-                    continue
-                if k.endswith('.P'):
-                    t.copy_(torch.rand(t.shape, generator=g) * 4 - 2)  # on the 5x5 grid
-                elif k.endswith('running_var'):
-                    t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-                else:
-                    t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+        randomize_state_(model, seed, 0.2)
     return model
 
 

@@ -1,4 +1,23 @@
-"""Test helper: our weights in the upstream ConvNeXt-dcls checkpoint layout."""
+"""Test helpers: every tensor of a model random; our weights in the upstream ConvNeXt-dcls checkpoint layout."""
+import torch
+
+
+def randomize_state_(model, seed: int, scale: float = 0.2):
+    """Every floating tensor of ``model`` random (positions spread on a 5x5 grid, BN variances positive, the rest
+    N(0, scale)), so that every weight and position shows in the logits (no zero-init residuals, layer scale 1e-6)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if k.endswith('.P'):
+                t.copy_(torch.rand(t.shape, generator=g) * 4 - 2)
+            elif k.endswith('running_var'):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            else:
+                t.copy_(torch.randn(t.shape, generator=g) * scale)
+    return model
+
 
 def upstream_state_dict(model):
     """Our weights in the upstream ConvNeXt-dcls (Facebook) layout: positions repeated in every block."""

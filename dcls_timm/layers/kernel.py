@@ -88,7 +88,9 @@ class _GaussGeometry:
     (and each layer's backward) can reuse it."""
 
     def __init__(self, P: torch.Tensor, SIG: torch.Tensor, sizes: Sequence[int]):
-        self.P, self.SIG, self.sizes = P.detach().clone(), SIG.detach().clone(), tuple(sizes)  # as derived from
+        # no copies: a cached geometry is only returned while P and SIG hold the values it was built from (the
+        # cache compares them), and autograd's version check refuses a backward after they changed in place
+        self.P, self.SIG, self.sizes = P.detach(), SIG.detach(), tuple(sizes)
         self.profiles = interpolation_profiles(self.P, self.SIG, sizes, 'gauss')  # [O, I, D, K] per axis, floored
         self.sums = [p.sum(-2) for p in self.profiles]  # [O, I, K] per axis
         self._derivatives: Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]] = None
