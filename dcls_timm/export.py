@@ -20,6 +20,7 @@ import torch.nn as nn
 from dcls_timm.layers.dcls import DclsPositions, _DclsNd
 from dcls_timm.layers.flexconv import _ContinuousConvNd, causal_conv1d
 from dcls_timm.layers.siren import SirenCKConv
+from dcls_timm.models.convnext_dcls import ConvNeXtFusedBlock
 
 __all__ = ['bake_kernels', 'CausalConv1d']
 
@@ -118,9 +119,13 @@ def bake_kernels(model: nn.Module, inplace: bool = False, sequence_length: Optio
             the one length the baked model will take (default: each layer's last forward pass's).
 
     Returns:
-        The baked model, in eval mode.
+        The baked model, in eval mode. ConvNeXt blocks become timm's own ``ConvNeXtBlock`` (the fused CPU inference
+        forward is eager-only), so the result holds timm and torch modules only.
     """
     model = model if inplace else copy.deepcopy(model)
+    for m in model.modules():
+        if type(m) is ConvNeXtFusedBlock:
+            m.__class__ = ConvNeXtFusedBlock.__bases__[0]
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, (_DclsNd, _ContinuousConvNd, SirenCKConv, DclsPositions))]
     for name, module in targets:

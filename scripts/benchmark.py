@@ -37,6 +37,7 @@ from timm.optim import create_optimizer_v2
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dcls_timm  # noqa: E402  (registers the models)
 from dcls_timm.layers import clamp_positions_, position_owners  # noqa: E402
+from dcls_timm.models.convnext_dcls import set_fused_mlp  # noqa: E402
 
 DCLS_ROUTE = 'dcls-package:'  # prefix: a timm ConvNeXt with the dcls package's Dcls2d in every block
 DEFAULT_PAIRS = (
@@ -83,9 +84,11 @@ def _dcls_package_convnext(name: str, **kwargs) -> nn.Module:
     return model
 
 
-def create(name: str, positions: str, device: torch.device) -> nn.Module:
-    """Build ``name`` (timm name, or ``dcls-package:<convnext>``) on ``device`` with ``positions`` init/spread."""
+def create(name: str, positions: str, device: torch.device, fused_mlp: bool = True) -> nn.Module:
+    """Build ``name`` (timm name, or ``dcls-package:<convnext>``) on ``device`` with ``positions`` init/spread;
+    ``fused_mlp=False`` gives ConvNeXt blocks timm's MLP forward (like-for-like with timm's ConvNeXt)."""
     model = _dcls_package_convnext(name[len(DCLS_ROUTE):]) if name.startswith(DCLS_ROUTE) else timm.create_model(name)
+    set_fused_mlp(model, fused_mlp)
     if positions == 'spread':
         with torch.no_grad():
             for m in model.modules():
@@ -317,6 +320,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: leave the default)')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
+    parser.add_argument('--no-fused-mlp', action='store_true',
+                        help="ConvNeXt blocks with timm's MLP forward at inference (no fused oneDNN matmuls)")
     parser.add_argument('--no-macs', action='store_true', help='skip the multiply-accumulate counts')
     parser.add_argument('--kernel-model', default='convnext_tiny_dcls',
                         help="kernel construction vs the dcls package for this model ('' to skip)")
@@ -353,8 +358,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 continue
             for mode in modes:
                 torch.manual_seed(0)
-                models = {model_name: create(model_name, positions, device),
-                          base_name: create(base_name, 'init', device)}
+                models = {model_name: create(model_name, positions, device, not args.no_fused_mlp),
+                          base_name: create(base_name, 'init', device, not args.no_fused_mlp)}
                 steps = {n: make_step(m, mode, args.batch_size, args.img_size, device, run == 'compile')
                          for n, m in models.items()}
                 times, warm = time_interleaved(steps, args.repeats, args.warmup, device)
