@@ -3,6 +3,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -356,3 +357,38 @@ def test_constant_lr_without_a_scheduler_trains_and_resumes(image_folder, tmp_pa
     header, row = (tmp_path / 'resumed' / 'summary.csv').read_text().splitlines()  # epoch 1 only: a new experiment
     lrs = [float(v) for k, v in zip(header.split(','), row.split(',')) if k.startswith('train_lr')]
     assert row.startswith('1,') and {round(lr, 9) for lr in lrs} == {1e-3, 5e-3}  # positions: x5
+
+
+def test_prefetcher_and_per_image_normalisation_give_the_same_batches(image_folder):
+    """timm's prefetcher (default, CPU too: uint8 batches normalised on the device) and --no-prefetcher (float
+    images normalised in the workers) feed the model the same numbers, augmentations included."""
+    batches = []
+    for extra in ([], ['--no-prefetcher']):
+        args = parse_args(_argv(image_folder, 'unused', '--mixup', '0', *extra))
+        args.distributed = False
+        dataset = build_dataset(args, 'train', is_training=True)
+        config = dict(input_size=(3, 32, 32), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), crop_pct=1.0,
+                      interpolation='bilinear')
+        torch.manual_seed(0)
+        random.seed(0)  # timm's random-resized crop and flips draw from Python's RNG
+        loader = data_module.build_loader(dataset, args, config, True, torch.device('cpu'))
+        assert (type(loader).__name__ == 'PrefetchLoader') == (not extra)
+        batches.append(next(iter(loader)))
+    (a, ya), (b, yb) = batches
+    assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape == (4, 3, 32, 32)
+    assert torch.equal(ya, yb)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('opt, extra, fused', [
+    ('adamw', [], True), ('sgd', [], True), ('adamw', ['--opt-kwargs', 'fused=False'], False),
+    ('adamw', ['--opt-kwargs', 'foreach=True'], None), ('lamb', [], None), ('lookahead_adamw', [], True)])
+def test_cpu_optimizer_uses_the_fused_kernel_unless_told(image_folder, opt, extra, fused):
+    args = parse_args(_argv(image_folder, 'unused', '--opt', opt, *extra))
+    args.world_size = 1
+    model = torch.nn.Linear(3, 2)
+    optimizer = main_module.build_optimizer(args, model)
+    base = getattr(optimizer, 'optimizer', optimizer)  # lookahead wraps the base optimizer
+    assert base.defaults.get('fused') == fused
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()  # the fused kernel runs on CPU

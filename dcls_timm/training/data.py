@@ -99,12 +99,13 @@ def build_loader(
         device,
         collate_fn=None,
 ):
-    """``timm.data.create_loader`` with the run's arguments.
+    """``timm.data.create_loader`` with the run's arguments, through timm's prefetcher unless ``--no-prefetcher``
+    (workers hand over uint8 batches, normalised and randomly erased on ``device``).
 
     Workers are not persistent: each epoch's workers are seeded from the main RNG, so a resumed run sees the same
     augmentations as an uninterrupted one.
     """
-    use_prefetcher = device.type == 'cuda'
+    use_prefetcher = not getattr(args, 'no_prefetcher', False)
     common = dict(
         input_size=data_config['input_size'], mean=data_config['mean'], std=data_config['std'],
         num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem, device=device,

@@ -14,7 +14,7 @@ import torch.nn as nn
 import yaml
 from timm.data import Mixup, FastCollateMixup, resolve_data_config
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.optim import create_optimizer_v2, get_optimizer_info, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import (
     ModelEmaV3, NativeScaler, get_outdir, unwrap_model, init_distributed_device, random_seed, setup_default_logging, trim_summary,
@@ -93,11 +93,23 @@ def _losses(args: Any, mixup_active: bool):
     return train, nn.CrossEntropyLoss()
 
 
+def _has_fused_cpu_kernel(opt: str) -> bool:
+    try:
+        info = get_optimizer_info(opt.lower().split('_')[-1])  # 'lookahead_adamw' wraps AdamW
+    except ValueError:
+        return False  # timm's factory reports the unknown name
+    return info.opt_class in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
 def build_optimizer(args: Any, model: nn.Module, recipe: Optional[CompositeRecipe] = None) -> torch.optim.Optimizer:
     """timm's optimizer with the recipe's parameter groups (e.g. DCLS positions with ``lr_scale``), as train.py
     builds it. Resolves ``args.lr`` first (``args.world_size`` must be set)."""
     args.lr = _resolve_lr(args)
     opt_kwargs = optimizer_kwargs(args)
+    if torch.device(args.device or 'cpu').type == 'cpu' and not {'fused', 'foreach'} & set(opt_kwargs) \
+            and _has_fused_cpu_kernel(args.opt):
+        # PyTorch picks the per-tensor loop on CPU: its fused kernel is 3-4x faster (--opt-kwargs fused=False: off)
+        opt_kwargs['fused'] = True
     if recipe is not None:
         opt_kwargs['param_group_fn'] = partial(
             recipe.param_groups, weight_decay=args.weight_decay, layer_decay=args.layer_decay)
@@ -234,7 +246,7 @@ def run(args: Any) -> Dict[str, Any]:
             mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
             prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
             label_smoothing=args.smoothing, num_classes=args.num_classes)
-        if device.type == 'cuda':  # timm's prefetcher mixes on the GPU in the collate
+        if not args.no_prefetcher:  # timm's prefetcher mixes uint8 images in the collate
             collate_fn = FastCollateMixup(**mixup_args)
         else:
             mixup_fn = Mixup(**mixup_args)
