@@ -121,7 +121,9 @@ def make_step(model: nn.Module, mode: str, batch_size: int, img_size: int, devic
                 fn(x)
         return step
     model.train()
-    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-4, weight_decay=0.05)
+    # as train.py: PyTorch's fused AdamW kernel on CPU (its default there is the per-tensor loop)
+    fused = {'fused': True} if device.type == 'cpu' else {}
+    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-4, weight_decay=0.05, **fused)
     clamp = _clamp(model)
 
     def step():

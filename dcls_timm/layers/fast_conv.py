@@ -27,6 +27,20 @@ def use_fast_depthwise(x: torch.Tensor, weight: torch.Tensor, stride: Tuple[int,
     return weight.shape[-2] * weight.shape[-1] >= 49
 
 
+def _conv_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        padding: Tuple[int, int]) -> torch.Tensor:
+    """Stride-1 depthwise ``F.conv2d`` on channels-last ``x``. oneDNN (torch 2.14's) runs kernels 11-13 taps wide
+    with an implementation 2-3x slower than the one it uses from 14 taps on (a 13x13 kernel takes longer than a 15x15
+    one at every ConvNeXt stage shape), so float32 kernels of those widths get zero columns on both sides up to 14-15
+    taps, with the padding widened to match: the same sums plus exact zeros."""
+    kw = weight.shape[-1]
+    if x.dtype == torch.float32 and 11 <= kw <= 13:
+        extra = (15 - kw) // 2 if kw % 2 else 1
+        weight = F.pad(weight, (extra, extra))
+        padding = (padding[0], padding[1] + extra)
+    return F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, 1, padding, 1, x.shape[1])
+
+
 def fft_size(n: int) -> int:
     """Smallest size >= n with only the factors 2, 3 and 5: FFTs of prime lengths are several times slower."""
     # written for TorchScript too (causal_conv1d of baked models calls it): no //=, one return after the loop
@@ -63,7 +77,7 @@ class _DepthwiseConv2d(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.padding = padding
         ctx.has_bias = bias is not None
-        return F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, 1, padding, 1, x.shape[1])
+        return _conv_channels_last(x, weight, bias, padding)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -73,8 +87,7 @@ class _DepthwiseConv2d(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             # a transposed stride-1 conv is a conv with the flipped kernel and the complementary padding
-            grad_x = F.conv2d(grad_out.contiguous(memory_format=torch.channels_last), weight.flip(-2, -1), None, 1,
-                              (kh - 1 - ph, kw - 1 - pw), 1, x.shape[1])
+            grad_x = _conv_channels_last(grad_out, weight.flip(-2, -1), None, (kh - 1 - ph, kw - 1 - pw))
         if ctx.needs_input_grad[1]:
             grad_w = _fft_weight_grad(x, grad_out, (kh, kw), (ph, pw))
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -89,5 +102,5 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     if any(p > k - 1 for p, k in zip(padding, weight.shape[-2:])):
         raise ValueError('padding must be at most kernel_size - 1.')
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
-        return F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, 1, padding, 1, x.shape[1])
+        return _conv_channels_last(x, weight, bias, padding)
     return _DepthwiseConv2d.apply(x, weight, bias, tuple(padding))
