@@ -117,3 +117,9 @@ def test_conv_mlp_models_keep_timms_forward(calls):
     with torch.inference_mode():
         model(torch.randn(1, 3, 32, 32))
     assert calls[0] == 0
+
+
+def test_empty_batch_keeps_timms_forward():
+    model = timm.create_model('convnext_tiny_dcls', **TINY).eval()
+    with torch.inference_mode():
+        assert model(torch.randn(0, 3, 32, 32)).shape == (0, 10)

@@ -38,7 +38,7 @@ def use_fused_mlp(x: torch.Tensor, fc1: nn.Module, act: nn.Module, fc2: nn.Modul
     GELU, Linear MLP: everything else keeps the module path."""
     if not _AVAILABLE or isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
-    if torch.is_grad_enabled() or x.device.type != 'cpu' or x.dtype != torch.float32:
+    if torch.is_grad_enabled() or x.device.type != 'cpu' or x.dtype != torch.float32 or x.numel() == 0:
         return False
     if torch.is_autocast_enabled('cpu'):
         return False
