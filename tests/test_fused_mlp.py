@@ -123,3 +123,14 @@ def test_empty_batch_keeps_timms_forward():
     model = timm.create_model('convnext_tiny_dcls', **TINY).eval()
     with torch.inference_mode():
         assert model(torch.randn(0, 3, 32, 32)).shape == (0, 10)
+
+
+def test_a_failed_operator_probe_keeps_timms_forward(calls, monkeypatch):
+    import dcls_timm.layers.fused_mlp as fused_mlp
+    monkeypatch.setattr(fused_mlp, '_AVAILABLE', False)
+    model = timm.create_model('convnext_tiny_dcls', **TINY).eval()
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 32, 32))
+    assert calls[0] == 0
+    monkeypatch.setattr(fused_mlp, '_AVAILABLE', None)
+    assert fused_mlp.fused_mlp_available()  # probed again: this build's operator works

@@ -12,17 +12,39 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = ['fused_mlp_available', 'use_fused_mlp', 'mlp_residual']
 
 
-def fused_mlp_available() -> bool:
-    """oneDNN's fused linear operators are part of this PyTorch build."""
+def _probe() -> bool:
     ops = getattr(torch.ops, 'mkldnn', None)
-    return torch.backends.mkldnn.is_available() and ops is not None and hasattr(ops, '_linear_pointwise')
+    if not torch.backends.mkldnn.is_available() or ops is None or not hasattr(ops, '_linear_pointwise'):
+        return False
+    # a private operator: check once that it exists with this signature and computes what it should
+    g = torch.Generator().manual_seed(0)
+    x, w1, b1 = torch.randn(5, 8, generator=g), torch.randn(16, 8, generator=g), torch.randn(16, generator=g)
+    w2, b2, shortcut = torch.randn(8, 16, generator=g), torch.randn(8, generator=g), torch.randn(5, 8, generator=g)
+    try:
+        with torch.no_grad():
+            h = ops._linear_pointwise(x, w1, b1, 'gelu', [], 'none')
+            out = ops._linear_pointwise.binary(h, shortcut, w2, b2, 'add')
+            ref = shortcut + F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    except (RuntimeError, TypeError):
+        return False
+    return bool(torch.allclose(out, ref, rtol=1e-4, atol=1e-4))
 
 
-_AVAILABLE = fused_mlp_available()
+_AVAILABLE: Optional[bool] = None
+
+
+def fused_mlp_available() -> bool:
+    """oneDNN's fused linear operators are in this PyTorch build and compute what they should (checked once per
+    process on a small example)."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        _AVAILABLE = _probe()
+    return _AVAILABLE
 
 
 def _exact_gelu(act: nn.Module) -> bool:
@@ -36,11 +58,11 @@ def _exact_gelu(act: nn.Module) -> bool:
 def use_fused_mlp(x: torch.Tensor, fc1: nn.Module, act: nn.Module, fc2: nn.Module) -> bool:
     """The fused path applies to float32 CPU inference (no autograd, eager, outside autocast) of a Linear, exact
     GELU, Linear MLP: everything else keeps the module path."""
-    if not _AVAILABLE or isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
     if torch.is_grad_enabled() or x.device.type != 'cpu' or x.dtype != torch.float32 or x.numel() == 0:
         return False
-    if torch.is_autocast_enabled('cpu'):
+    if torch.is_autocast_enabled('cpu') or not fused_mlp_available():
         return False
     return (type(fc1) is nn.Linear and type(fc2) is nn.Linear and _exact_gelu(act)
             and fc1.weight.dtype == torch.float32 and fc2.weight.dtype == torch.float32)
