@@ -1,0 +1,62 @@
+"""CCNN blocks' in-place inference path: bit-equal to the module path, taken only where nothing can tell."""
+import pytest
+import timm
+import torch
+
+import dcls_timm.models.ccnn as ccnn
+
+
+@pytest.fixture
+def taken(monkeypatch):
+    """Counts the blocks that take the in-place path."""
+    count = [0]
+    decide = ccnn.CCNNBlock._inplace_inference
+
+    def counted(self, x):
+        result = decide(self, x)
+        count[0] += result
+        return result
+    monkeypatch.setattr(ccnn.CCNNBlock, '_inplace_inference', counted)
+    return count
+
+
+def _plain(model, x, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(ccnn.CCNNBlock, '_inplace_inference', lambda self, x: False)
+        return model(x)
+
+
+@pytest.mark.parametrize('kwargs, shape', [(dict(), (2, 3, 16, 16)), (dict(data_dim=1, in_chans=1), (2, 1, 64))])
+def test_equal_to_the_module_path_and_input_untouched(kwargs, shape, taken, monkeypatch):
+    torch.manual_seed(0)
+    model = timm.create_model('ccnn_4_140', width=12, **kwargs)
+    model(torch.randn(*shape))  # the one-time kernel-network rescale, and batch-norm statistics
+    model.eval()
+    x = torch.randn(*shape)
+    before = x.clone()
+    with torch.inference_mode():
+        fast = model(x)
+        assert taken[0] == len(model.blocks)
+        plain = _plain(model, x, monkeypatch)
+    assert torch.equal(fast, plain) and torch.equal(x, before)
+
+
+def test_hooks_training_and_autograd_take_the_module_path(taken):
+    torch.manual_seed(0)
+    model = timm.create_model('ccnn_4_140', width=12).eval()
+    x = torch.randn(2, 3, 16, 16)
+    seen = []
+    handle = model.blocks[0].conv.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.inference_mode():
+        model(x)
+        # the hooked block keeps its conv output as returned; the others still take the in-place path
+        assert taken[0] == len(model.blocks) - 1
+        block = model.blocks[0]
+        torch.testing.assert_close(seen[0], block.conv(block.norm(model.stem(x))), rtol=0, atol=0)
+    handle.remove()
+    taken[0] = 0
+    model(x).sum().backward()  # autograd: module path
+    model.train()
+    with torch.no_grad():
+        model(x)  # training mode: dropout is live
+    assert taken[0] == 0
