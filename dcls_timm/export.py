@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from timm.models.convnext import ConvNeXtBlock
 
 from dcls_timm.layers.dcls import DclsPositions, _DclsNd
 from dcls_timm.layers.flexconv import _ContinuousConvNd, causal_conv1d
@@ -125,7 +126,7 @@ def bake_kernels(model: nn.Module, inplace: bool = False, sequence_length: Optio
     model = model if inplace else copy.deepcopy(model)
     for m in model.modules():
         if type(m) is ConvNeXtFusedBlock:
-            m.__class__ = ConvNeXtFusedBlock.__bases__[0]
+            m.__class__ = ConvNeXtBlock
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, (_DclsNd, _ContinuousConvNd, SirenCKConv, DclsPositions))]
     for name, module in targets:

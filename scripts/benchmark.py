@@ -107,6 +107,14 @@ def _clamp(model: nn.Module) -> Callable[[], None]:
     return lambda: [m.clamp_parameters() for m in layers]
 
 
+def inference_step(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
+    """One ``inference_mode`` forward of ``fn`` on ``x`` (the model already in eval mode)."""
+    def step():
+        with torch.inference_mode():
+            fn(x)
+    return step
+
+
 def make_step(model: nn.Module, mode: str, batch_size: int, img_size: int, device: torch.device,
               compiled: bool) -> Callable[[], None]:
     """One training step (forward, backward, AdamW, clamping) or one inference forward, on fixed random data."""
@@ -115,11 +123,7 @@ def make_step(model: nn.Module, mode: str, batch_size: int, img_size: int, devic
     fn = torch.compile(model) if compiled else model
     if mode == 'infer':
         model.eval()
-
-        def step():
-            with torch.inference_mode():
-                fn(x)
-        return step
+        return inference_step(fn, x)
     model.train()
     # as train.py: PyTorch's fused AdamW kernel on CPU (its default there is the per-tensor loop)
     fused = {'fused': True} if device.type == 'cpu' else {}

@@ -57,7 +57,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dcls_timm  # noqa: E402,F401  (registers the models)
-from benchmark import _stats, machine, time_interleaved, write_results  # noqa: E402
+from benchmark import _stats, inference_step, machine, time_interleaved, write_results  # noqa: E402
 from fetch_authors_code import DEFAULT_DEST, REPOS, check as check_copy  # noqa: E402
 
 CASES = {
@@ -350,11 +350,7 @@ def make_step(model: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, lr:
     """One training step (forward, cross-entropy, backward, Adam; masks at lr 0) or one inference forward."""
     if mode == 'infer':
         model.eval()
-
-        def step():
-            with torch.inference_mode():
-                model(x)
-        return step
+        return inference_step(model, x)
     model.train()
     frozen = mask_width_params(model)
     frozen_ids = {id(p) for p in frozen}

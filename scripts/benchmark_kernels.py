@@ -109,6 +109,25 @@ def _conv_table(repeats: int, batch: int = 8, kernel: int = 17) -> dict:
     return {'rows': rows, 'total_18_blocks': totals, 'batch': batch, 'kernel': kernel}
 
 
+def _width_table(repeats: int, batch: int = 8, channels: int = 96, size: int = 56) -> dict:
+    """Inference forward of channels-last depthwise convs at one ConvNeXt-T stage shape, by kernel shape: plain
+    ``F.conv2d`` (oneDNN) and the fast path's (which widens kernels 11-13 taps wide to 14-15)."""
+    import torch.nn.functional as F
+    from dcls_timm.layers.fast_conv import depthwise_conv2d
+    x = torch.randn(batch, channels, size, size).contiguous(memory_format=torch.channels_last)
+    rows = []
+    with torch.inference_mode():
+        for kh, kw in [(9, 9), (11, 11), (13, 13), (15, 15), (17, 17), (17, 13), (13, 17)]:
+            w = torch.randn(channels, 1, kh, kw)
+            pad = (kh // 2, kw // 2)
+            row = {'kernel': f'{kh}x{kw}'}
+            for name, fn in [('F.conv2d', lambda: F.conv2d(x, w, None, 1, pad, 1, channels)),
+                             ('fast path', lambda: depthwise_conv2d(x, w, None, pad))]:
+                row[name] = statistics.median(_measure(fn, repeats))
+            rows.append(row)
+    return {'rows': rows, 'batch': batch, 'channels': channels, 'size': size}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='convnext_tiny_dcls')
@@ -117,9 +136,22 @@ def main():
     parser.add_argument('--no-dcls', action='store_true', help='skip the dcls-package comparison')
     parser.add_argument('--json', default='', help='write the results to this JSON file')
     parser.add_argument('--conv', action='store_true', help='benchmark the depthwise conv instead (ConvNeXt-T shapes)')
+    parser.add_argument('--widths', action='store_true',
+                        help='depthwise conv inference by kernel shape (oneDNN is slow at widths 11-13)')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.widths:
+        table = _width_table(args.repeats)
+        print(f"depthwise conv inference, channels-last [{table['batch']}, {table['channels']}, {table['size']}, "
+              f"{table['size']}], {torch.get_num_threads()} threads, median of {args.repeats}")
+        print('| kernel | F.conv2d ms | fast path ms |\n|---|---|---|')
+        for r in table['rows']:
+            print(f"| {r['kernel']} | {1e3 * r['F.conv2d']:.1f} | {1e3 * r['fast path']:.1f} |")
+        if args.json:
+            with open(args.json, 'w') as f:
+                json.dump(table, f, indent=2)
+        return
     if args.conv:
         table = _conv_table(args.repeats)
         print(f"17x17 depthwise conv, forward + backward, batch {table['batch']}, {torch.get_num_threads()} threads, "

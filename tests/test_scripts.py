@@ -31,6 +31,16 @@ def test_benchmark_conv_table_runs(tmp_path):
     assert '| sum over the 18 blocks |' in proc.stdout
 
 
+def test_benchmark_width_table_runs(tmp_path):
+    out = tmp_path / 'widths.json'
+    proc = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark_kernels.py'), '--widths', '--repeats', '1',
+                           '--json', str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r['kernel']: r for r in json.loads(out.read_text())['rows']}
+    assert {'13x13', '15x15', '17x13', '13x17'} <= set(rows) and all(r['fast path'] > 0 for r in rows.values())
+    assert '| 13x13 |' in proc.stdout
+
+
 def _benchmark(tmp_path, *args, timeout=600):
     out, md = tmp_path / 'bench.json', tmp_path / 'bench.md'
     proc = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--img-size', '32',

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import GELU as TimmGELU
 
 __all__ = ['fused_mlp_available', 'use_fused_mlp', 'mlp_residual']
 
@@ -48,11 +49,8 @@ def fused_mlp_available() -> bool:
 
 
 def _exact_gelu(act: nn.Module) -> bool:
-    if isinstance(act, nn.GELU):
-        return act.approximate == 'none'
-    # timm's GELU is its own module calling F.gelu with the exact (erf) form
-    return type(act).__name__ == 'GELU' and type(act).__module__.startswith('timm.') and \
-        getattr(act, 'approximate', 'none') == 'none'
+    # timm's GELU (its act_layer='gelu') calls F.gelu in the exact (erf) form, as oneDNN's 'none' algorithm
+    return isinstance(act, TimmGELU) or (isinstance(act, nn.GELU) and act.approximate == 'none')
 
 
 def use_fused_mlp(x: torch.Tensor, fc1: nn.Module, act: nn.Module, fc2: nn.Module) -> bool:

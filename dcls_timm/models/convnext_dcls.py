@@ -65,8 +65,8 @@ def _check_model_args(kwargs: Dict[str, Any], extra: Sequence[str]) -> None:
 
 class ConvNeXtFusedBlock(ConvNeXtBlock):
     """timm's ``ConvNeXtBlock`` (same modules and state dict) whose CPU inference runs the MLP, layer scale and
-    residual through two fused oneDNN matmuls (:mod:`dcls_timm.layers.fused_mlp`): 1.2-1.6x faster MLPs at the
-    early stages, where the element-wise passes cost as much as the matmuls. Training, autograd, FX, compile,
+    residual through two fused oneDNN matmuls (:mod:`dcls_timm.layers.fused_mlp`), five passes over the
+    activations fewer. Training, autograd, FX, compile,
     autocast, GPUs and non-default blocks (conv MLP, GRN, other activations) take timm's forward. Set
     ``fast_path = False`` on a block (or :func:`set_fused_mlp` on a model) for timm's forward everywhere.
     """
