@@ -267,6 +267,11 @@ def _verdict(value: float, target) -> str:
     return f"{'≥' if kind == 'min' else '≤'} {bound:g}: {'yes' if ok else 'no'}"
 
 
+def ms_range(stats: dict) -> str:
+    """``median (min–max)`` in whole milliseconds, from :func:`_stats`."""
+    return f"{1e3 * stats['median_s']:.0f} ({1e3 * stats['min_s']:.0f}–{1e3 * stats['max_s']:.0f})"
+
+
 def to_markdown(results: dict) -> str:
     m = results['machine']
     lines = [f"Measured {m['date']} on {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads)"
@@ -281,9 +286,7 @@ def to_markdown(results: dict) -> str:
         a, b = r['model_stats'], r['baseline_stats']
         lines.append(
             f"| {r['model']} | {r['baseline']} | {r['mode']} | {r['run']} | {r['positions']} | "
-            f"{1e3 * a['median_s']:.0f} ({1e3 * a['min_s']:.0f}–{1e3 * a['max_s']:.0f}) | "
-            f"{1e3 * b['median_s']:.0f} ({1e3 * b['min_s']:.0f}–{1e3 * b['max_s']:.0f}) | "
-            f"**{r['ratio']:.3f}** | {r['verdict']} |")
+            f"{ms_range(a)} | {ms_range(b)} | **{r['ratio']:.3f}** | {r['verdict']} |")
     if results['memory']:
         lines += ['', '| model | baseline | positions | model peak train MiB | baseline MiB | memory ratio | target |',
                   '|---|---|---|---|---|---|---|']

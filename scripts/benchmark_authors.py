@@ -57,7 +57,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dcls_timm  # noqa: E402,F401  (registers the models)
-from benchmark import _stats, inference_step, machine, time_interleaved, write_results  # noqa: E402
+from benchmark import _stats, inference_step, machine, ms_range, time_interleaved, write_results  # noqa: E402
 from fetch_authors_code import DEFAULT_DEST, REPOS, check as check_copy  # noqa: E402
 
 CASES = {
@@ -447,9 +447,7 @@ def to_markdown(results: dict) -> str:
         a, b = r['ours'], r['theirs']
         lines.append(
             f"| {r['title']} | {r['batch']} | {r['mode']} | {r['masks']} | {_ks(r['kernel_sizes_ours'])} \\| "
-            f"{_ks(r['kernel_sizes_theirs'])} | {1e3 * a['median_s']:.0f} ({1e3 * a['min_s']:.0f}–"
-            f"{1e3 * a['max_s']:.0f}) | {1e3 * b['median_s']:.0f} ({1e3 * b['min_s']:.0f}–{1e3 * b['max_s']:.0f}) | "
-            f"**{r['ratio']:.2f}** |")
+            f"{_ks(r['kernel_sizes_theirs'])} | {ms_range(a)} | {ms_range(b)} | **{r['ratio']:.2f}** |")
     if results.get('layers'):
         lines += ['', f"Layer check: the last FlexConv layer of each side alone (separable ones with their pointwise "
                       f"conv), masks spread, `inference_mode` forward at the recipe batch (median of "

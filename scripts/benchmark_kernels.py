@@ -148,11 +148,7 @@ def main():
         print('| kernel | F.conv2d ms | fast path ms |\n|---|---|---|')
         for r in table['rows']:
             print(f"| {r['kernel']} | {1e3 * r['F.conv2d']:.1f} | {1e3 * r['fast path']:.1f} |")
-        if args.json:
-            with open(args.json, 'w') as f:
-                json.dump(table, f, indent=2)
-        return
-    if args.conv:
+    elif args.conv:
         table = _conv_table(args.repeats)
         print(f"17x17 depthwise conv, forward + backward, batch {table['batch']}, {torch.get_num_threads()} threads, "
               f'median of {args.repeats}')
@@ -163,6 +159,7 @@ def main():
         t = table['total_18_blocks']
         print(f"| sum over the 18 blocks | {1e3 * t['F.conv2d']:.0f} | {1e3 * t['fast path']:.0f} | "
               f"{1e3 * t['F.conv2d 7x7']:.0f} |")
+    if args.widths or args.conv:
         if args.json:
             with open(args.json, 'w') as f:
                 json.dump(table, f, indent=2)
