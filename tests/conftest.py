@@ -66,3 +66,10 @@ def fashion_mnist_root(tmp_path_factory):
     if os.environ.get('DCLS_TIMM_REQUIRE_DATA') == '1':
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
+
+
+def pytest_configure(config):
+    # pytest-xdist workers share the cores: one torch thread each unless the user chose (scripts/test.sh sets
+    # OMP_NUM_THREADS=1 for the subprocesses the tests start as well)
+    if os.environ.get('PYTEST_XDIST_WORKER') and 'OMP_NUM_THREADS' not in os.environ:
+        torch.set_num_threads(1)
