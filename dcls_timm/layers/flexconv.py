@@ -264,6 +264,14 @@ class _ContinuousConvNd(nn.Module):
         from the current parameters. Input-length kernels need a forward pass first."""
         return self.causal_kernel() if self.causal else self.construct_kernel()
 
+    def direct_kernel(self) -> Optional[torch.Tensor]:
+        """The kernel a non-causal forward pass convolves with directly (centred, ``size // 2`` padding); None for a
+        causal layer, one that takes the FFT path, or a CCNN init still pending."""
+        if self.causal or (self.initialized is not None and not bool(self.initialized)):
+            return None
+        kernel = self.construct_kernel()
+        return None if self._use_fft(kernel.shape[2:]) else kernel
+
     def _use_fft(self, sizes: Sequence[int]) -> bool:
         if self.fft != 'auto':
             return self.fft == 'always'

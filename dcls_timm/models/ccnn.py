@@ -18,11 +18,11 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
-from torch.nn.modules import module as _module
 from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from dcls_timm.layers import SeparableFlexConv
+from dcls_timm.layers.fused import eager_inference
 
 from ._classifier_net import SequenceHead, SequenceInput, StemBlocksClassifier
 
@@ -58,13 +58,9 @@ class CCNNBlock(nn.Module):
     @torch.jit.unused
     def _inplace_inference(self, x: torch.Tensor) -> bool:
         """Eager no-grad evaluation of the default block, with no hooks that could see (or miss) a tensor."""
-        if self.training or torch.is_grad_enabled() or isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() \
-                or torch.compiler.is_compiling():
-            return False
         parts = (self.norm, self.conv, self.act1, self.drop, self.linear, self.act2)
-        if any(m._forward_hooks or m._forward_pre_hooks for m in parts) or _global_module_hooks():
-            return False
-        return type(self.act1) is nn.GELU and type(self.act2) is nn.GELU and isinstance(self.conv, SeparableFlexConv) \
+        return not self.training and eager_inference(x, parts) and type(self.act1) is nn.GELU \
+            and type(self.act2) is nn.GELU and isinstance(self.conv, SeparableFlexConv) \
             and type(self.linear) in _CONVS.values() and isinstance(self.norm, nn.modules.batchnorm._BatchNorm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,10 +72,6 @@ class CCNNBlock(nn.Module):
             y = torch.ops.aten.gelu_(self.linear(y), approximate=self.act2.approximate)
             return y.add_(x)
         return x + self.act2(self.linear(self.drop(self.act1(self.conv(self.norm(x))))))
-
-
-def _global_module_hooks() -> bool:
-    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
 class CCNN(StemBlocksClassifier):

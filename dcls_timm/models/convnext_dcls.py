@@ -21,7 +21,7 @@ from timm.models.convnext import checkpoint_filter_fn as _fb_checkpoint_filter_f
 
 from dcls_timm.checkpoint import share_block_positions
 from dcls_timm.layers import Dcls2d, share_positions
-from dcls_timm.layers.fused_mlp import mlp_residual, use_fused_mlp
+from dcls_timm.layers.fused import eager_inference, mlp_residual, use_fused_mlp
 from ._pretrained import build_dcls_model, dcls_cfg
 
 __all__ = ['ConvNeXtDcls', 'ConvNeXtDenseDw', 'ConvNeXtFusedBlock', 'iso_param_kernel_count', 'set_fused_mlp']
@@ -65,9 +65,9 @@ def _check_model_args(kwargs: Dict[str, Any], extra: Sequence[str]) -> None:
 
 class ConvNeXtFusedBlock(ConvNeXtBlock):
     """timm's ``ConvNeXtBlock`` (same modules and state dict) whose CPU inference runs the MLP, layer scale and
-    residual through two fused oneDNN matmuls (:mod:`dcls_timm.layers.fused_mlp`), five passes over the
-    activations fewer. Training, autograd, FX, compile,
-    autocast, GPUs and non-default blocks (conv MLP, GRN, other activations) take timm's forward. Set
+    residual through two fused oneDNN matmuls (:mod:`dcls_timm.layers.fused`), five passes over the
+    activations fewer. Training, autograd, FX, compile, autocast, GPUs, hooks on the MLP (or any global module hook)
+    and non-default blocks (conv MLP, GRN, other activations) take timm's forward. Set
     ``fast_path = False`` on a block (or :func:`set_fused_mlp` on a model) for timm's forward everywhere.
     """
     fast_path: bool = True
@@ -76,7 +76,8 @@ class ConvNeXtFusedBlock(ConvNeXtBlock):
         """Forward pass."""
         if self.fast_path and not self.training and not self.use_conv_mlp and type(self.mlp) is Mlp \
                 and isinstance(self.mlp.norm, nn.Identity) and isinstance(self.shortcut, nn.Identity) \
-                and use_fused_mlp(x, self.mlp.fc1, self.mlp.act, self.mlp.fc2):
+                and use_fused_mlp(x, self.mlp.fc1, self.mlp.act, self.mlp.fc2) \
+                and eager_inference(x, (self.mlp, self.shortcut, self.drop_path)):
             y = self.norm(self.conv_dw(x).permute(0, 2, 3, 1))
             return mlp_residual(y, x.permute(0, 2, 3, 1), self.mlp.fc1, self.mlp.fc2, self.gamma).permute(0, 3, 1, 2)
         return super().forward(x)

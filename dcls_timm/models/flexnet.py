@@ -6,14 +6,15 @@ Stem ``FlexConv -> BN -> ReLU``, then blocks ``FlexConv -> BN -> ReLU -> Dropout
 1x1 conv only where the width changes) -> ReLU``, global average pool and a 1x1-conv classifier.
 """
 from functools import partial
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from dcls_timm.layers import FlexConv
+from dcls_timm.layers import FastDropout, FlexConv
+from dcls_timm.layers.fused import conv_bn_act, eager_inference, use_conv_bn_act
 
 from ._classifier_net import StemBlocksClassifier
 
@@ -21,7 +22,14 @@ __all__ = ['FlexNet', 'FlexNetBlock']
 
 
 class FlexNetBlock(nn.Module):
-    """Residual block of two convolutions (FlexConv by default)."""
+    """Residual block of two convolutions (FlexConv by default).
+
+    CPU float32 inference runs each convolution with its BatchNorm folded in and the ReLU (and the residual add)
+    fused, as one oneDNN call (:func:`dcls_timm.layers.fused.conv_bn_act`): the same numbers to float32 rounding,
+    three passes over the activations fewer per convolution. Training, autograd, FX, tracing, compile, autocast,
+    GPUs, hooks, FFT-sized kernels and non-default parts keep the module path; ``fast_path = False`` switches it off.
+    """
+    fast_path: bool = True
 
     def __init__(self, in_chs: int, out_chs: int, conv_layer: Callable[[int, int], nn.Module], dropout: float = 0.2,
                  device=None, dtype=None):
@@ -30,15 +38,44 @@ class FlexNetBlock(nn.Module):
         self.conv1 = conv_layer(in_chs, out_chs)
         self.bn1 = nn.BatchNorm2d(out_chs, **dd)
         self.act1 = nn.ReLU(inplace=True)
-        self.drop = nn.Dropout(dropout)
+        self.drop = FastDropout(dropout)
         self.conv2 = conv_layer(out_chs, out_chs)
         self.bn2 = nn.BatchNorm2d(out_chs, **dd)
         self.shortcut = nn.Conv2d(in_chs, out_chs, 1, **dd) if in_chs != out_chs else nn.Identity()
         self.act2 = nn.ReLU(inplace=True)
 
+    @torch.jit.unused
+    def _fused_inference(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The block through two fused convolutions, or None where that path does not apply."""
+        if not self.fast_path or any(m.training for m in self.modules()) \
+                or not eager_inference(x, tuple(self.children())) \
+                or not (use_conv_bn_act(x, self.bn1, self.act1) and use_conv_bn_act(x, self.bn2, self.act2)):
+            return None
+        conv1, conv2 = _direct_conv(self.conv1), _direct_conv(self.conv2)
+        if conv1 is None or conv2 is None or conv1[0].dtype != torch.float32 or conv2[0].dtype != torch.float32:
+            return None
+        out = conv_bn_act(x, *conv1, self.bn1)
+        return conv_bn_act(out, *conv2, self.bn2, residual=self.shortcut(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            fused = self._fused_inference(x)
+            if fused is not None:
+                return fused
         out = self.drop(self.act1(self.bn1(self.conv1(x))))
         return self.act2(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def _direct_conv(conv: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor], List[int]]]:
+    """Kernel, bias and padding of a stride-1, ungrouped 2-D convolution computed directly; None for anything else
+    (FFT-sized FlexConv kernels, strides, groups, non-zero padding modes)."""
+    if isinstance(conv, FlexConv) and conv.dim == 2 and not conv.depthwise:
+        kernel = conv.direct_kernel()
+        return None if kernel is None else (kernel, conv.bias, [s // 2 for s in kernel.shape[2:]])
+    if type(conv) is nn.Conv2d and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 \
+            and conv.padding_mode == 'zeros' and isinstance(conv.padding, tuple):
+        return conv.weight, conv.bias, list(conv.padding)
+    return None
 
 
 class FlexNet(StemBlocksClassifier):

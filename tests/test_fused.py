@@ -1,4 +1,5 @@
-"""The fused CPU inference MLP of the ConvNeXt blocks: same numbers as timm's block, taken only where it applies."""
+"""The fused CPU inference paths (ConvNeXt MLP, FlexNet conv + BN + ReLU): the module path's numbers, taken only where
+they apply."""
 import copy
 import pickle
 
@@ -9,10 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dcls_timm.models.convnext_dcls as convnext_dcls
-from dcls_timm.layers.fused_mlp import fused_mlp_available, mlp_residual, use_fused_mlp
+import dcls_timm.layers.fused as fused
+from dcls_timm.layers.fused import conv_bn_act, fused_ops_available, mlp_residual, use_conv_bn_act, use_fused_mlp
+from dcls_timm.models.flexnet import FlexNetBlock
 from dcls_timm.models.convnext_dcls import ConvNeXtFusedBlock, set_fused_mlp
 
-pytestmark = pytest.mark.skipif(not fused_mlp_available(), reason="this PyTorch build has no oneDNN fused linear")
+pytestmark = pytest.mark.skipif(not fused_ops_available(), reason="this PyTorch build has no oneDNN fused operators")
 
 TINY = dict(depths=(1, 2, 1, 1), dims=(8, 16, 24, 32), num_classes=10)
 
@@ -126,11 +129,116 @@ def test_empty_batch_keeps_timms_forward():
 
 
 def test_a_failed_operator_probe_keeps_timms_forward(calls, monkeypatch):
-    import dcls_timm.layers.fused_mlp as fused_mlp
-    monkeypatch.setattr(fused_mlp, '_AVAILABLE', False)
+    monkeypatch.setattr(fused, '_AVAILABLE', False)
     model = timm.create_model('convnext_tiny_dcls', **TINY).eval()
     with torch.inference_mode():
         model(torch.randn(1, 3, 32, 32))
     assert calls[0] == 0
-    monkeypatch.setattr(fused_mlp, '_AVAILABLE', None)
-    assert fused_mlp.fused_mlp_available()  # probed again: this build's operator works
+    monkeypatch.setattr(fused, '_AVAILABLE', None)
+    assert fused.fused_ops_available()  # probed again: this build's operators work
+
+
+def test_hooks_on_skipped_modules_keep_timms_forward(calls):
+    model = timm.create_model('convnext_tiny_dcls', **TINY).eval()
+    seen = []
+    handle = model.stages[1].blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 32, 32))
+    assert seen == [(1, 4, 4, 64)] and calls[0] == sum(TINY['depths']) - 1  # only the hooked block left the fast path
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        with torch.inference_mode():
+            model(torch.randn(1, 3, 32, 32))
+    finally:
+        handle.remove()
+    assert calls[0] == sum(TINY['depths']) - 1  # a global hook: every block took timm's forward
+
+
+@pytest.fixture
+def conv_calls(monkeypatch):
+    import dcls_timm.models.flexnet as flexnet
+    count = [0]
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return conv_bn_act(*args, **kwargs)
+    monkeypatch.setattr(flexnet, 'conv_bn_act', counted)
+    return count
+
+
+def _with_batch_stats(model):
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.5, 2.)
+            nn.init.normal_(m.weight, 1., 0.2)
+            nn.init.normal_(m.bias, 0., 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize('name', ['flexnet_3', 'flexnet_7_conv3'])
+def test_flexnet_inference_equals_the_module_path(name, conv_calls):
+    model = _with_batch_stats(timm.create_model(name))
+    blocks = [m for m in model.modules() if isinstance(m, FlexNetBlock)]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        out = model(x)
+        assert conv_calls[0] == 2 * len(blocks)  # both convolutions of every block, shortcut convs included
+        for block in blocks:
+            block.fast_path = False
+        ref = model(x)
+    assert conv_calls[0] == 2 * len(blocks)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert out.abs().max() > 1e-2
+
+
+def test_conv_bn_act_with_residual_equals_the_modules():
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(5, 6, 3, padding=1), _with_batch_stats(nn.BatchNorm2d(6))
+    x, residual = torch.randn(2, 5, 7, 9), torch.randn(2, 6, 7, 9)
+    with torch.inference_mode():
+        assert use_conv_bn_act(x, bn, nn.ReLU())
+        out = conv_bn_act(x, conv.weight, conv.bias, [1, 1], bn, residual=residual)
+        ref = torch.relu(bn(conv(x)) + residual)
+        no_bias = conv_bn_act(x, conv.weight, None, [1, 1], bn)
+        ref_no_bias = torch.relu(bn(conv(x) - conv.bias.view(1, -1, 1, 1)))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(no_bias, ref_no_bias, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert not use_conv_bn_act(x, bn, nn.GELU())
+        assert not use_conv_bn_act(x.double(), bn, nn.ReLU())
+        assert not use_conv_bn_act(x, nn.BatchNorm2d(6, track_running_stats=False).eval(), nn.ReLU())
+        assert not use_conv_bn_act(x, copy.deepcopy(bn).train(), nn.ReLU())
+
+
+def test_flexnet_keeps_the_module_path_where_the_fused_one_does_not_apply(conv_calls):
+    model = _with_batch_stats(timm.create_model('flexnet_3'))
+    x = torch.randn(2, 3, 16, 16)
+    model.train()
+    model(x).sum().backward()  # training and autograd
+    model.eval()
+    model(x)  # autograd on
+    block = model.blocks[0]
+    block.drop.train()  # Monte Carlo dropout at evaluation
+    with torch.no_grad():
+        model(x)
+    assert conv_calls[0] == 2 * (len(model.blocks) - 1)
+    block.drop.eval()
+    handle = block.bn1.register_forward_hook(lambda m, i, o: None)
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    assert conv_calls[0] == 4 * (len(model.blocks) - 1)
+    for conv in (block.conv1, block.conv2):  # a kernel of FFT size
+        conv.mask_sigma.data.fill_(1.)
+    with torch.no_grad():
+        fft_out = model(x)
+    assert conv_calls[0] == 6 * (len(model.blocks) - 1)
+    block.fast_path = False
+    with torch.no_grad():
+        model(x)
+    assert conv_calls[0] == 8 * (len(model.blocks) - 1)
+    assert torch.isfinite(fft_out).all()

@@ -1,0 +1,143 @@
+"""CPU inference fast paths: oneDNN matmuls and convolutions with fused epilogues.
+
+On a 2-core CPU the element-wise steps around a matmul or convolution (bias copies, BatchNorm, GELU/ReLU, layer scale,
+residual add) cost as much as the matmul itself at small channel counts. oneDNN's operators with fused epilogues
+(``torch.ops.mkldnn._linear_pointwise`` and ``_convolution_pointwise``, which inductor's CPU backend lowers to) do
+them inside the matmul or convolution:
+
+- :func:`mlp_residual`: ``shortcut + gamma * fc2(gelu(fc1(x)))`` (ConvNeXt blocks) as two matmuls, the layer scale
+  folded into ``fc2``. The GELU matmul equals ``F.gelu(F.linear(...))`` bit for bit; the residual one differs by
+  float32 rounding (summation order).
+- :func:`conv_bn_act`: ``act(bn(conv(x)) [+ residual])`` (FlexNet blocks) as one convolution, the eval BatchNorm
+  folded into the kernel and bias (float32 rounding).
+
+Folded weights are recomputed per call (a few thousand multiplies), so nothing derived from the parameters is kept.
+The operators are private, so they are checked once per process on small examples; if the check fails, callers keep
+their module path. :func:`eager_inference` says where a fast path may replace the module calls at all.
+"""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import GELU as TimmGELU
+from torch.nn.modules import module as _module
+
+__all__ = ['fused_ops_available', 'eager_inference', 'use_fused_mlp', 'mlp_residual', 'fold_batch_norm',
+           'use_conv_bn_act', 'conv_bn_act']
+
+
+def _probe() -> bool:
+    ops = getattr(torch.ops, 'mkldnn', None)
+    if not torch.backends.mkldnn.is_available() or ops is None or not hasattr(ops, '_linear_pointwise') \
+            or not hasattr(ops, '_convolution_pointwise'):
+        return False
+    g = torch.Generator().manual_seed(0)
+    x, w1, b1 = torch.randn(5, 8, generator=g), torch.randn(16, 8, generator=g), torch.randn(16, generator=g)
+    w2, b2, shortcut = torch.randn(8, 16, generator=g), torch.randn(8, generator=g), torch.randn(5, 8, generator=g)
+    img = torch.randn(2, 3, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    wc, bc = torch.randn(3, 3, 3, 3, generator=g), torch.randn(3, generator=g)
+    try:
+        with torch.no_grad():
+            h = ops._linear_pointwise(x, w1, b1, 'gelu', [], 'none')
+            out = ops._linear_pointwise.binary(h, shortcut, w2, b2, 'add')
+            ref = shortcut + F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+            conv = ops._convolution_pointwise(img, wc, bc, [1, 1], [1, 1], [1, 1], 1, 'relu', [], '')
+            conv_ref = F.relu(F.conv2d(img, wc, bc, padding=1))
+            res = ops._convolution_pointwise.binary(img, img, wc, bc, [1, 1], [1, 1], [1, 1], 1, 'add', None,
+                                                    'relu', [], '')
+            res_ref = F.relu(F.conv2d(img, wc, bc, padding=1) + img)
+    except (RuntimeError, TypeError):
+        return False
+    return all(bool(torch.allclose(a, b, rtol=1e-4, atol=1e-4)) for a, b in
+               ((out, ref), (conv, conv_ref), (res, res_ref)))
+
+
+_AVAILABLE: Optional[bool] = None
+
+
+def fused_ops_available() -> bool:
+    """oneDNN's fused linear and convolution operators are in this PyTorch build and compute what they should
+    (checked once per process on small examples)."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        _AVAILABLE = _probe()
+    return _AVAILABLE
+
+
+def eager_inference(x: torch.Tensor, modules: Sequence[nn.Module]) -> bool:
+    """Eager evaluation without autograd, in which no forward hook could see (or miss) ``modules`` (and their
+    submodules): the condition for a fast path that computes what those modules compute without calling them.
+    False under FX, tracing, compiling and autograd, and while any module hook, local or global, is set."""
+    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling() \
+            or torch.is_grad_enabled():
+        return False
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for mod in modules for m in mod.modules())
+
+
+def _cpu_float32(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    return (x.device.type == 'cpu' and x.dtype == torch.float32 and x.numel() > 0
+            and all(w.dtype == torch.float32 for w in weights)
+            and not torch.is_autocast_enabled('cpu') and fused_ops_available())
+
+
+def _exact_gelu(act: nn.Module) -> bool:
+    # timm's GELU (its act_layer='gelu') calls F.gelu in the exact (erf) form, as oneDNN's 'none' algorithm
+    return isinstance(act, TimmGELU) or (isinstance(act, nn.GELU) and act.approximate == 'none')
+
+
+def use_fused_mlp(x: torch.Tensor, fc1: nn.Module, act: nn.Module, fc2: nn.Module) -> bool:
+    """The fused MLP applies to float32 CPU eager inference (:func:`eager_inference`, outside autocast) of a Linear,
+    exact GELU, Linear MLP: everything else keeps the module path."""
+    return (type(fc1) is nn.Linear and type(fc2) is nn.Linear and _exact_gelu(act)
+            and eager_inference(x, (fc1, act, fc2)) and _cpu_float32(x, fc1.weight, fc2.weight))
+
+
+def mlp_residual(x: torch.Tensor, shortcut: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
+                 gamma: Optional[torch.Tensor]) -> torch.Tensor:
+    """``shortcut + gamma * fc2(gelu(fc1(x)))`` for channels-last ``x`` ``[..., C_in]`` and ``shortcut``
+    ``[..., C_out]`` (same leading shape), through two fused oneDNN matmuls. Call only where
+    :func:`use_fused_mlp` holds."""
+    lead = x.shape[:-1]
+    h = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), fc1.weight, fc1.bias, 'gelu', [], 'none')
+    weight, bias = fc2.weight, fc2.bias
+    if gamma is not None:
+        weight = weight * gamma.unsqueeze(1)
+        bias = bias * gamma if bias is not None else None
+    out = torch.ops.mkldnn._linear_pointwise.binary(
+        h, shortcut.reshape(-1, shortcut.shape[-1]), weight, bias, 'add')
+    return out.view(*lead, out.shape[-1])
+
+
+def fold_batch_norm(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.modules.batchnorm._BatchNorm):
+    """Kernel and bias of ``bn(conv(x))`` as one convolution, from the eval BatchNorm's running statistics."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale if bias is None else (bias - bn.running_mean) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return weight * scale.view(-1, *([1] * (weight.dim() - 1))), shift
+
+
+def use_conv_bn_act(x: torch.Tensor, bn: nn.Module, act: nn.Module) -> bool:
+    """:func:`conv_bn_act` applies to float32 CPU 2-D inputs in eval with a BatchNorm2d that uses running
+    statistics and a ReLU (checked together with :func:`eager_inference` by the caller)."""
+    return (type(bn) is nn.BatchNorm2d and not bn.training and bn.track_running_stats
+            and bn.running_mean is not None and type(act) is nn.ReLU and x.dim() == 4
+            and _cpu_float32(x, bn.running_var))
+
+
+def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Sequence[int],
+                bn: nn.modules.batchnorm._BatchNorm, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``relu(bn(conv2d(x, weight, bias, padding)) [+ residual])`` as one oneDNN convolution (stride 1, groups 1),
+    channels-last. Call only where :func:`use_conv_bn_act` holds."""
+    w, b = fold_batch_norm(weight, bias, bn)
+    x = x.contiguous(memory_format=torch.channels_last)
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, w, b, list(padding), [1, 1], [1, 1], 1, 'relu', [], '')
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        x, residual.contiguous(memory_format=torch.channels_last), w, b, list(padding), [1, 1], [1, 1], 1, 'add',
+        None, 'relu', [], '')
