@@ -8,6 +8,8 @@ parameters (one training step's worth of kernel construction, no convolution), a
 
     python scripts/benchmark_kernels.py --model convnext_tiny_dcls --repeats 5
     python scripts/benchmark_kernels.py --conv --repeats 5
+    python scripts/benchmark_kernels.py --widths --repeats 7      # oneDNN depthwise speed by kernel width
+    python scripts/benchmark_kernels.py --pointwise --repeats 7   # 1x1 convs over sequences (CCNN 1-D)
 """
 import argparse
 import json
@@ -128,6 +130,24 @@ def _width_table(repeats: int, batch: int = 8, channels: int = 96, size: int = 5
     return {'rows': rows, 'batch': batch, 'channels': channels, 'size': size}
 
 
+def _pointwise_table(repeats: int, batch: int = 100, channels: int = 140, length: int = 784) -> dict:
+    """A 1x1 convolution over sequences at CCNN's sMNIST shape, inference and forward + backward: ``F.conv1d``
+    (oneDNN) and :class:`PointwiseConv1d` (batched matmuls)."""
+    import torch.nn.functional as F
+    from dcls_timm.layers import PointwiseConv1d
+    layer = PointwiseConv1d(channels, channels)
+    x = torch.randn(batch, channels, length, requires_grad=True)
+    grad = torch.randn(batch, channels, length)
+    rows = []
+    for name, fn in [('F.conv1d', lambda t: F.conv1d(t, layer.weight, layer.bias)), ('PointwiseConv1d', layer)]:
+        with torch.inference_mode():
+            infer = statistics.median(_measure(lambda: fn(x), repeats))
+        train = statistics.median(_measure(
+            lambda: torch.autograd.grad(fn(x), (x, layer.weight, layer.bias), grad), repeats))
+        rows.append({'route': name, 'inference': infer, 'forward + backward': train})
+    return {'rows': rows, 'batch': batch, 'channels': channels, 'length': length}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='convnext_tiny_dcls')
@@ -138,10 +158,19 @@ def main():
     parser.add_argument('--conv', action='store_true', help='benchmark the depthwise conv instead (ConvNeXt-T shapes)')
     parser.add_argument('--widths', action='store_true',
                         help='depthwise conv inference by kernel shape (oneDNN is slow at widths 11-13)')
+    parser.add_argument('--pointwise', action='store_true',
+                        help='1x1 conv over sequences (CCNN sMNIST shape): F.conv1d vs PointwiseConv1d')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.widths:
+    if args.pointwise:
+        table = _pointwise_table(args.repeats)
+        print(f"1x1 conv over sequences [{table['batch']}, {table['channels']}, {table['length']}], "
+              f"{torch.get_num_threads()} threads, median of {args.repeats}")
+        print('| route | inference ms | forward + backward ms |\n|---|---|---|')
+        for r in table['rows']:
+            print(f"| {r['route']} | {1e3 * r['inference']:.1f} | {1e3 * r['forward + backward']:.1f} |")
+    elif args.widths:
         table = _width_table(args.repeats)
         print(f"depthwise conv inference, channels-last [{table['batch']}, {table['channels']}, {table['size']}, "
               f"{table['size']}], {torch.get_num_threads()} threads, median of {args.repeats}")
@@ -159,7 +188,7 @@ def main():
         t = table['total_18_blocks']
         print(f"| sum over the 18 blocks | {1e3 * t['F.conv2d']:.0f} | {1e3 * t['fast path']:.0f} | "
               f"{1e3 * t['F.conv2d 7x7']:.0f} |")
-    if args.widths or args.conv:
+    if args.widths or args.conv or args.pointwise:
         if args.json:
             with open(args.json, 'w') as f:
                 json.dump(table, f, indent=2)

@@ -41,6 +41,16 @@ def test_benchmark_width_table_runs(tmp_path):
     assert '| 13x13 |' in proc.stdout
 
 
+def test_benchmark_pointwise_table_runs(tmp_path):
+    out = tmp_path / 'pointwise.json'
+    proc = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark_kernels.py'), '--pointwise', '--repeats',
+                           '1', '--json', str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r['route']: r for r in json.loads(out.read_text())['rows']}
+    assert set(rows) == {'F.conv1d', 'PointwiseConv1d'} and all(r['inference'] > 0 for r in rows.values())
+    assert '| PointwiseConv1d |' in proc.stdout
+
+
 def _benchmark(tmp_path, *args, timeout=600):
     out, md = tmp_path / 'bench.json', tmp_path / 'bench.md'
     proc = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--img-size', '32',

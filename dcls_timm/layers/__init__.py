@@ -10,4 +10,5 @@ from .flexconv import (
     set_kernel_resolution,
 )
 from .magnet import MAGNet, coordinate_grid
+from .pointwise import PointwiseConv1d, pointwise_conv
 from .siren import SirenCKConv, SirenKernel, WeightNormConv1x1, kernel_net_convs

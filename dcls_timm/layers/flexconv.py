@@ -27,6 +27,7 @@ from timm.layers import register_notrace_module
 
 from .fast_conv import fft_size
 from .magnet import MAGNet, coordinate_grid
+from .pointwise import pointwise_conv
 
 __all__ = ['CKConv', 'FlexConv', 'SeparableFlexConv', 'fft_conv', 'causal_conv1d', 'continuous_convs',
            'set_kernel_resolution', 'anti_aliasing_loss', 'MASK_THRESHOLD']
@@ -35,7 +36,6 @@ MASK_THRESHOLD = 0.1
 _MASK_RADIUS = math.sqrt(-2 * math.log(MASK_THRESHOLD))  # |x - mu| <= sigma * 2.146 where the mask exceeds 0.1
 _SIGMA_EPS = 1e-4
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_FNS_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CAUSAL_FFT_MIN_TAPS = 51  # causal 1-D kernels longer than 50 taps use the FFT path (fft='auto')
 
 
@@ -346,7 +346,7 @@ class SeparableFlexConv(nn.Module):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         self.depthwise = FlexConv(in_channels, in_channels, kernel_size, dim=dim, depthwise=True, **dd, **kwargs)
-        self.pointwise = _CONV_FNS_MODULES[dim](in_channels, out_channels, 1, bias=bias, **dd)
+        self.pointwise = pointwise_conv(dim, in_channels, out_channels, bias=bias, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pointwise(self.depthwise(x))

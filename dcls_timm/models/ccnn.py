@@ -22,6 +22,7 @@ from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from dcls_timm.layers import SeparableFlexConv
+from dcls_timm.layers.pointwise import PointwiseConv1d, pointwise_conv
 from dcls_timm.layers.fused import eager_inference
 
 from ._classifier_net import SequenceHead, SequenceInput, StemBlocksClassifier
@@ -29,7 +30,6 @@ from ._classifier_net import SequenceHead, SequenceInput, StemBlocksClassifier
 __all__ = ['CCNN', 'CCNNBlock', 'checkpoint_filter_fn']
 
 _NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
-_CONVS = {1: nn.Conv1d, 2: nn.Conv2d}
 _CHANNEL_DROPOUTS = {1: nn.Dropout1d, 2: nn.Dropout2d}
 DEFAULT_OMEGA_0 = {1: 2976.5, 2: 4231.6}  # sMNIST and CIFAR-10 CCNN-4,140 (SPEC 8.1)
 
@@ -52,7 +52,7 @@ class CCNNBlock(nn.Module):
         self.conv = _sep_flexconv(channels, channels, data_dim, kernel_size, hidden, mask_init, omega_0, fft, dd)
         self.act1 = nn.GELU()
         self.drop = _CHANNEL_DROPOUTS[data_dim](dropout)
-        self.linear = _CONVS[data_dim](channels, channels, 1, **dd)
+        self.linear = pointwise_conv(data_dim, channels, channels, **dd)
         self.act2 = nn.GELU()
 
     @torch.jit.unused
@@ -61,7 +61,8 @@ class CCNNBlock(nn.Module):
         parts = (self.norm, self.conv, self.act1, self.drop, self.linear, self.act2)
         return not self.training and eager_inference(x, parts) and type(self.act1) is nn.GELU \
             and type(self.act2) is nn.GELU and isinstance(self.conv, SeparableFlexConv) \
-            and type(self.linear) in _CONVS.values() and isinstance(self.norm, nn.modules.batchnorm._BatchNorm)
+            and type(self.linear) in (PointwiseConv1d, nn.Conv1d, nn.Conv2d) \
+            and isinstance(self.norm, nn.modules.batchnorm._BatchNorm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self._inplace_inference(x):
