@@ -23,13 +23,14 @@ def test_equals_conv1d_values_and_gradients(bias):
     torch.testing.assert_close(layer(strided), F.conv1d(strided, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
 
 
-def test_state_dict_fx_and_autocast_match_conv1d():
+def test_state_dict_fx_scripting_and_autocast_match_conv1d():
     layer, conv = PointwiseConv1d(4, 7), nn.Conv1d(4, 7, 1)
     assert layer.state_dict().keys() == conv.state_dict().keys()
     layer.load_state_dict(conv.state_dict())
     x = torch.randn(2, 4, 9)
     traced = torch.fx.symbolic_trace(nn.Sequential(layer))
     torch.testing.assert_close(traced(x), conv(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.jit.script(layer)(x), conv(x), rtol=1e-5, atol=1e-6)  # conv1d when scripted
     with torch.autocast('cpu', dtype=torch.bfloat16):
         low, low_ref = layer(x), conv(x)
     assert low.dtype == low_ref.dtype == torch.bfloat16

@@ -1,8 +1,8 @@
 """Element-wise dropout whose CPU training masks come from integer random bits.
 
-PyTorch's CPU dropout draws its mask with ``bernoulli_``, which runs at about a third of the speed of drawing
-random integers: on a FlexNet activation (64 x 48 x 32 x 32) it takes 21 ms of which the mask is 20, against 6 ms
-for 31-bit integers compared with ``round(p * 2^31)``. The mask keeps an element with probability ``1 - p`` (to
+PyTorch's CPU dropout draws its mask with ``bernoulli_``, several times slower than drawing random integers (in a
+profiled FlexNet-7 training step, ``docs/benchmarks/cpu_authors.md``: 112 ms of ``bernoulli_`` in the authors' code,
+32 ms of ``random_`` here). Here the mask compares 31-bit integers with ``round(p * 2^31)``. The mask keeps an element with probability ``1 - p`` (to
 ``2^-31``) and scales the kept ones by ``1 / (1 - p)``, as ``nn.Dropout`` does, from the same default generator (so
 ``torch.manual_seed`` makes runs repeatable, FX-traced models included); the draws differ from ``nn.Dropout``'s.
 GPUs, scripting, tracing, compile and evaluation keep ``F.dropout``.

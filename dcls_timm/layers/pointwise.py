@@ -20,16 +20,19 @@ class PointwiseConv1d(nn.Conv1d):
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_channels, out_channels, 1, bias=bias, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() \
-                or x.device.type != 'cpu' or x.dim() != 3:
-            return super().forward(x)
-        b, length = x.shape[0], x.shape[2]
-        weight = self.weight.squeeze(-1).expand(b, -1, -1)  # a view: the batch shares one weight
-        if self.bias is None:
-            return torch.bmm(weight, x)
-        return torch.baddbmm(self.bias.view(1, -1, 1).expand(b, -1, length), weight, x)
+    @torch.jit.unused
+    def _matmul_path(self, x: torch.Tensor) -> bool:
+        return not isinstance(x, torch.fx.Proxy) and not torch.jit.is_tracing() and x.device.type == 'cpu' \
+            and x.dim() == 3
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._matmul_path(x):
+            b, length = x.shape[0], x.shape[2]
+            weight = self.weight.squeeze(-1).expand(b, -1, -1)  # a view: the batch shares one weight
+            if self.bias is None:
+                return torch.bmm(weight, x)
+            return torch.baddbmm(self.bias.view(1, -1, 1).expand(b, -1, length), weight, x)
+        return self._conv_forward(x, self.weight, self.bias)
 
 def pointwise_conv(dim: int, in_channels: int, out_channels: int, bias: bool = True, device=None,
                    dtype=None) -> nn.Module:

@@ -28,6 +28,7 @@ class FlexNetBlock(nn.Module):
     fused, as one oneDNN call (:func:`dcls_timm.layers.fused.conv_bn_act`): the same numbers to float32 rounding,
     three passes over the activations fewer per convolution. Training, autograd, FX, tracing, compile, autocast,
     GPUs, hooks, FFT-sized kernels and non-default parts keep the module path; ``fast_path = False`` switches it off.
+    The dropout is :class:`~dcls_timm.layers.FastDropout` (``nn.Dropout`` with faster CPU training masks).
     """
     fast_path: bool = True
 
