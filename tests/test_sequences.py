@@ -114,6 +114,22 @@ def test_causality(fft):
     _prefix_unchanged(model.forward_features, x, 60, atol)
 
 
+@pytest.mark.parametrize('length,taps', [(30, 7), (30, 40), (17, 1)])
+def test_depthwise_causal_fft_gradients_equal_the_direct_ones(length, taps):
+    # the FFT path's backward is written out: values and every gradient against autograd through conv1d (float64)
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, length, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 1, taps, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 4, length, dtype=torch.float64)
+    out, ref = causal_conv1d(x, w, b, groups=4, fft=True), causal_conv1d(x, w, b, groups=4)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, r in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    only_w = torch.autograd.grad(causal_conv1d(x.detach(), w, None, groups=4, fft=True), w, g)[0]
+    torch.testing.assert_close(only_w, torch.autograd.grad(causal_conv1d(x.detach(), w, None, groups=4), w, g)[0])
+
+
 def test_causal_conv_definition_and_fft_equals_direct():
     torch.manual_seed(0)
     x, w, b = torch.randn(2, 3, 30), torch.randn(4, 3, 7), torch.randn(4)

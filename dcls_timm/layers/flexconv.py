@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from timm.layers import register_notrace_module
 
 from .fast_conv import fft_size
@@ -84,18 +85,56 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         return F.conv1d(F.pad(x, (n - 1, 0)), weight, bias, groups=groups)
     dtype = torch.promote_types(x.dtype, torch.float32)
     full = fft_size(length + n - 1)  # e.g. 784 steps and 784 taps: 1600, not the prime 1567 (2-4x faster FFTs)
-    X = torch.fft.rfft(x.to(dtype), n=full)
-    K = torch.fft.rfft(weight.to(dtype).flip(-1), n=full)  # correlation with w = convolution with w flipped
-    if groups == 1:
-        Y = torch.einsum('bil,oil->bol', X, K)
-    elif groups == weight.shape[0] and weight.shape[1] == 1:  # depthwise
-        Y = X * K[:, 0].unsqueeze(0)
+    if groups == weight.shape[0] and weight.shape[1] == 1:  # depthwise
+        if torch.jit.is_scripting():  # autograd.Function is not scriptable: the same forward, autograd's backward
+            y = _depthwise_causal_fft(x.to(dtype), weight.to(dtype), full)[0]
+        else:
+            y = _DepthwiseCausalFFTConv.apply(x.to(dtype), weight.to(dtype), full)
+    elif groups == 1:
+        X = torch.fft.rfft(x.to(dtype), n=full)
+        K = torch.fft.rfft(weight.to(dtype).flip(-1), n=full)  # correlation with w = convolution with w flipped
+        y = torch.fft.irfft(torch.einsum('bil,oil->bol', X, K), n=full)[..., :length]
     else:
         raise ValueError('causal_conv1d(fft=True) supports groups=1 and depthwise convolutions only.')
-    y = torch.fft.irfft(Y, n=full)[..., :length]
     if bias is not None:
         y = y + bias.to(dtype).view(1, -1, 1)
     return y.to(x.dtype)
+
+
+def _depthwise_causal_fft(x: torch.Tensor, weight: torch.Tensor, size: int
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The output of a depthwise causal FFT convolution, with the spectra of the input and the kernel."""
+    X = torch.fft.rfft(x, n=size)
+    K = torch.fft.rfft(weight[:, 0].flip(-1), n=size)  # correlation with w = convolution with w flipped
+    return torch.fft.irfft(X * K, n=size)[..., :x.shape[-1]], X, K
+
+
+class _DepthwiseCausalFFTConv(torch.autograd.Function):
+    """Depthwise causal convolution ``[B, C, L] x [C, 1, n] -> [B, C, L]`` through FFTs of length ``size`` (at least
+    ``L + n - 1``, so the circular convolution holds the linear one), with the backward written out: autograd's
+    would zero-fill and copy the cropped gradient and run complex-to-complex FFTs, about twice the work. The
+    gradients are circular cross-correlations: of the output gradient with the kernel (input) and with the input,
+    summed over the batch in frequency space (kernel); the zero padding keeps both free of wrap-around."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, size: int) -> torch.Tensor:
+        y, X, K = _depthwise_causal_fft(x, weight, size)
+        ctx.save_for_backward(X, K)
+        ctx.lengths = (x.shape[-1], weight.shape[-1], size)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        X, K = ctx.saved_tensors
+        length, taps, size = ctx.lengths
+        G = torch.fft.rfft(grad, n=size)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.fft.irfft(G * K.conj(), n=size)[..., :length]
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.fft.irfft((G * X.conj()).sum(0), n=size)[:, :taps].flip(-1).unsqueeze(1)
+        return grad_x, grad_w, None
 
 
 class _ContinuousConvNd(nn.Module):
