@@ -1,4 +1,5 @@
-"""CCNN blocks' in-place inference path: bit-equal to the module path, taken only where nothing can tell."""
+"""CCNN blocks' inference path (2-D: 1x1 convs with their GELUs fused; 1-D: in place): the module path's numbers
+(1-D bit-equal, 2-D to float32 rounding), taken only where nothing can tell."""
 import pytest
 import timm
 import torch
@@ -34,11 +35,23 @@ def test_equal_to_the_module_path_and_input_untouched(kwargs, shape, taken, monk
     model.eval()
     x = torch.randn(*shape)
     before = x.clone()
+    fused = [0]
+    fused_conv2d = ccnn.fused_conv2d
+
+    def counted(*args, **kw):
+        fused[0] += 1
+        return fused_conv2d(*args, **kw)
+    monkeypatch.setattr(ccnn, 'fused_conv2d', counted)
     with torch.inference_mode():
         fast = model(x)
         assert taken[0] == len(model.blocks)
+        assert fused[0] == (0 if kwargs.get('data_dim') == 1 else 2 * len(model.blocks))  # both 1x1 convs of each
         plain = _plain(model, x, monkeypatch)
-    assert torch.equal(fast, plain) and torch.equal(x, before)
+    assert torch.equal(x, before)
+    if kwargs.get('data_dim') == 1:
+        assert torch.equal(fast, plain)
+    else:
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
 
 
 def test_hooks_training_and_autograd_take_the_module_path(taken):

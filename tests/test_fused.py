@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import dcls_timm.models.convnext_dcls as convnext_dcls
 import dcls_timm.layers.fused as fused
-from dcls_timm.layers.fused import conv_bn_act, fused_ops_available, mlp_residual, use_conv_bn_act, use_fused_mlp
+from dcls_timm.layers.fused import fused_conv2d, fused_ops_available, mlp_residual, use_fused_conv, use_fused_mlp
 from dcls_timm.models.flexnet import FlexNetBlock
 from dcls_timm.models.convnext_dcls import ConvNeXtFusedBlock, set_fused_mlp
 
@@ -162,8 +162,8 @@ def conv_calls(monkeypatch):
 
     def counted(*args, **kwargs):
         count[0] += 1
-        return conv_bn_act(*args, **kwargs)
-    monkeypatch.setattr(flexnet, 'conv_bn_act', counted)
+        return fused_conv2d(*args, **kwargs)
+    monkeypatch.setattr(flexnet, 'fused_conv2d', counted)
     return count
 
 
@@ -194,24 +194,29 @@ def test_flexnet_inference_equals_the_module_path(name, conv_calls):
     assert out.abs().max() > 1e-2
 
 
-def test_conv_bn_act_with_residual_equals_the_modules():
+def test_fused_conv2d_equals_the_modules():
     torch.manual_seed(0)
     conv, bn = nn.Conv2d(5, 6, 3, padding=1), _with_batch_stats(nn.BatchNorm2d(6))
     x, residual = torch.randn(2, 5, 7, 9), torch.randn(2, 6, 7, 9)
+    relu, gelu = nn.ReLU(), nn.GELU()
     with torch.inference_mode():
-        assert use_conv_bn_act(x, bn, nn.ReLU())
-        out = conv_bn_act(x, conv.weight, conv.bias, [1, 1], bn, residual=residual)
+        assert use_fused_conv(x, relu, bn) and use_fused_conv(x, gelu)
+        out = fused_conv2d(x, conv.weight, conv.bias, [1, 1], relu, bn, residual=residual)
         ref = torch.relu(bn(conv(x)) + residual)
-        no_bias = conv_bn_act(x, conv.weight, None, [1, 1], bn)
+        no_bias = fused_conv2d(x, conv.weight, None, [1, 1], relu, bn)
         ref_no_bias = torch.relu(bn(conv(x) - conv.bias.view(1, -1, 1, 1)))
+        with_gelu = fused_conv2d(x, conv.weight, conv.bias, [1, 1], gelu)
+        ref_gelu = F.gelu(conv(x))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(no_bias, ref_no_bias, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(with_gelu, ref_gelu, rtol=1e-5, atol=1e-6)
     assert out.is_contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        assert not use_conv_bn_act(x, bn, nn.GELU())
-        assert not use_conv_bn_act(x.double(), bn, nn.ReLU())
-        assert not use_conv_bn_act(x, nn.BatchNorm2d(6, track_running_stats=False).eval(), nn.ReLU())
-        assert not use_conv_bn_act(x, copy.deepcopy(bn).train(), nn.ReLU())
+        assert not use_fused_conv(x, nn.GELU(approximate='tanh'))
+        assert not use_fused_conv(x, nn.SiLU(), bn)
+        assert not use_fused_conv(x.double(), relu, bn)
+        assert not use_fused_conv(x, relu, nn.BatchNorm2d(6, track_running_stats=False).eval())
+        assert not use_fused_conv(x, relu, copy.deepcopy(bn).train())
 
 
 def test_flexnet_keeps_the_module_path_where_the_fused_one_does_not_apply(conv_calls):

@@ -8,14 +8,14 @@ them inside the matmul or convolution:
 - :func:`mlp_residual`: ``shortcut + gamma * fc2(gelu(fc1(x)))`` (ConvNeXt blocks) as two matmuls, the layer scale
   folded into ``fc2``. The GELU matmul equals ``F.gelu(F.linear(...))`` bit for bit; the residual one differs by
   float32 rounding (summation order).
-- :func:`conv_bn_act`: ``act(bn(conv(x)) [+ residual])`` (FlexNet blocks) as one convolution, the eval BatchNorm
-  folded into the kernel and bias (float32 rounding).
+- :func:`fused_conv2d`: ``act(bn(conv(x)) [+ residual])`` (FlexNet blocks; CCNN's 1x1 convs with their GELUs) as
+  one convolution, an eval BatchNorm folded into the kernel and bias (float32 rounding).
 
 Folded weights are recomputed per call (a few thousand multiplies), so nothing derived from the parameters is kept.
 The operators are private, so they are checked once per process on small examples; if the check fails, callers keep
 their module path. :func:`eager_inference` says where a fast path may replace the module calls at all.
 """
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,7 +24,7 @@ from timm.layers import GELU as TimmGELU
 from torch.nn.modules import module as _module
 
 __all__ = ['fused_ops_available', 'eager_inference', 'use_fused_mlp', 'mlp_residual', 'fold_batch_norm',
-           'use_conv_bn_act', 'conv_bn_act']
+           'fused_activation', 'conv2d_args', 'use_fused_conv', 'fused_conv2d']
 
 
 def _probe() -> bool:
@@ -47,10 +47,12 @@ def _probe() -> bool:
             res = ops._convolution_pointwise.binary(img, img, wc, bc, [1, 1], [1, 1], [1, 1], 1, 'add', None,
                                                     'relu', [], '')
             res_ref = F.relu(F.conv2d(img, wc, bc, padding=1) + img)
+            gelu = ops._convolution_pointwise(img, wc, bc, [1, 1], [1, 1], [1, 1], 1, 'gelu', [], 'none')
+            gelu_ref = F.gelu(F.conv2d(img, wc, bc, padding=1))
     except (RuntimeError, TypeError):
         return False
     return all(bool(torch.allclose(a, b, rtol=1e-4, atol=1e-4)) for a, b in
-               ((out, ref), (conv, conv_ref), (res, res_ref)))
+               ((out, ref), (conv, conv_ref), (res, res_ref), (gelu, gelu_ref)))
 
 
 _AVAILABLE: Optional[bool] = None
@@ -122,22 +124,48 @@ def fold_batch_norm(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.m
     return weight * scale.view(-1, *([1] * (weight.dim() - 1))), shift
 
 
-def use_conv_bn_act(x: torch.Tensor, bn: nn.Module, act: nn.Module) -> bool:
-    """:func:`conv_bn_act` applies to float32 CPU 2-D inputs in eval with a BatchNorm2d that uses running
-    statistics and a ReLU (checked together with :func:`eager_inference` by the caller)."""
+def _eval_batch_norm(bn: nn.Module) -> bool:
     return (type(bn) is nn.BatchNorm2d and not bn.training and bn.track_running_stats
-            and bn.running_mean is not None and type(act) is nn.ReLU and x.dim() == 4
-            and _cpu_float32(x, bn.running_var))
+            and bn.running_mean is not None)
 
 
-def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Sequence[int],
-                bn: nn.modules.batchnorm._BatchNorm, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``relu(bn(conv2d(x, weight, bias, padding)) [+ residual])`` as one oneDNN convolution (stride 1, groups 1),
-    channels-last. Call only where :func:`use_conv_bn_act` holds."""
-    w, b = fold_batch_norm(weight, bias, bn)
+def fused_activation(act: nn.Module) -> Optional[str]:
+    """oneDNN's name for an activation module it can apply inside a convolution (``'relu'``, exact ``'gelu'``)."""
+    if type(act) is nn.ReLU:
+        return 'relu'
+    return 'gelu' if _exact_gelu(act) else None
+
+
+def conv2d_args(conv: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor], List[int]]]:
+    """Weight, bias and padding of a plain ``nn.Conv2d`` that :func:`fused_conv2d` can run (stride 1, no dilation,
+    no groups, zero padding given as numbers); None for anything else."""
+    if type(conv) is nn.Conv2d and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 \
+            and conv.padding_mode == 'zeros' and isinstance(conv.padding, tuple):
+        return conv.weight, conv.bias, list(conv.padding)
+    return None
+
+
+def use_fused_conv(x: torch.Tensor, act: nn.Module, bn: Optional[nn.Module] = None) -> bool:
+    """:func:`fused_conv2d` applies to float32 CPU 2-D inputs, a ReLU or exact GELU and, if given, a BatchNorm2d in
+    eval that uses running statistics (the caller checks :func:`eager_inference` and the convolution)."""
+    return (fused_activation(act) is not None and x.dim() == 4 and (bn is None or _eval_batch_norm(bn))
+            and _cpu_float32(x, *([bn.running_var] if bn is not None else [])))
+
+
+def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Sequence[int],
+                 act: nn.Module, bn: Optional[nn.modules.batchnorm._BatchNorm] = None,
+                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``act(bn(conv2d(x, weight, bias, padding)) [+ residual])`` as one oneDNN convolution (stride 1, groups 1),
+    channels-last; ``bn`` (optional) folded into the kernel and bias. Call only where :func:`use_fused_conv`
+    holds."""
+    if bn is not None:
+        weight, bias = fold_batch_norm(weight, bias, bn)
+    name = fused_activation(act)
+    algorithm = 'none' if name == 'gelu' else ''
     x = x.contiguous(memory_format=torch.channels_last)
     if residual is None:
-        return torch.ops.mkldnn._convolution_pointwise(x, w, b, list(padding), [1, 1], [1, 1], 1, 'relu', [], '')
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(padding), [1, 1], [1, 1], 1, name, [],
+                                                       algorithm)
     return torch.ops.mkldnn._convolution_pointwise.binary(
-        x, residual.contiguous(memory_format=torch.channels_last), w, b, list(padding), [1, 1], [1, 1], 1, 'add',
-        None, 'relu', [], '')
+        x, residual.contiguous(memory_format=torch.channels_last), weight, bias, list(padding), [1, 1], [1, 1], 1,
+        'add', None, name, [], algorithm)

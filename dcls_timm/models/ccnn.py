@@ -23,7 +23,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from dcls_timm.layers import SeparableFlexConv
 from dcls_timm.layers.pointwise import PointwiseConv1d, pointwise_conv
-from dcls_timm.layers.fused import eager_inference
+from dcls_timm.layers.fused import conv2d_args, eager_inference, fused_conv2d, use_fused_conv
 
 from ._classifier_net import SequenceHead, SequenceInput, StemBlocksClassifier
 
@@ -42,7 +42,13 @@ def _sep_flexconv(cin: int, cout: int, data_dim: int, kernel_size: int, hidden: 
 
 
 class CCNNBlock(nn.Module):
-    """Pre-norm residual block around a separable FlexConv and a pointwise linear layer."""
+    """Pre-norm residual block around a separable FlexConv and a pointwise linear layer.
+
+    Eager no-grad evaluation skips the module calls after the depthwise convolution: in 2-D (float32, CPU) both 1x1
+    convolutions run with their GELU inside one oneDNN call (:func:`dcls_timm.layers.fused.fused_conv2d`, float32
+    rounding); elsewhere the GELUs and the residual add are written in place (bit-equal). Hooks, FX, tracing,
+    scripting, training and autograd keep the module path.
+    """
 
     def __init__(self, channels: int, kernel_size: int, hidden: int, dropout: float, mask_init: float, fft: str,
                  data_dim: int = 2, omega_0: float = DEFAULT_OMEGA_0[2], device=None, dtype=None):
@@ -60,18 +66,29 @@ class CCNNBlock(nn.Module):
         """Eager no-grad evaluation of the default block, with no hooks that could see (or miss) a tensor."""
         parts = (self.norm, self.conv, self.act1, self.drop, self.linear, self.act2)
         return not self.training and eager_inference(x, parts) and type(self.act1) is nn.GELU \
-            and type(self.act2) is nn.GELU and isinstance(self.conv, SeparableFlexConv) \
+            and type(self.act2) is nn.GELU and type(self.conv) is SeparableFlexConv \
             and type(self.linear) in (PointwiseConv1d, nn.Conv1d, nn.Conv2d) \
             and isinstance(self.norm, nn.modules.batchnorm._BatchNorm)
 
+    @torch.jit.unused
+    def _fused_inference(self, x: torch.Tensor) -> torch.Tensor:
+        # dropout is the identity in eval; 2-D float32 on CPU: each 1x1 conv runs with its GELU inside (oneDNN)
+        h = self.conv.depthwise(self.norm(x))
+        pointwise, linear = conv2d_args(self.conv.pointwise), conv2d_args(self.linear)
+        if pointwise is not None and linear is not None \
+                and use_fused_conv(h, self.act1) and use_fused_conv(h, self.act2):
+            y = fused_conv2d(h, *pointwise, self.act1)
+            return fused_conv2d(y, *linear, self.act2).add_(x)
+        # elsewhere the same ops, the element-wise ones written into the tensors the convolutions just made: a fresh
+        # activation-sized tensor faults its pages in on first touch, 3-7x the cost of GELU or the residual add on a
+        # 2-core CPU
+        y = torch.ops.aten.gelu_(self.conv.pointwise(h), approximate=self.act1.approximate)
+        y = torch.ops.aten.gelu_(self.linear(y), approximate=self.act2.approximate)
+        return y.add_(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self._inplace_inference(x):
-            # the same ops, the element-wise ones written into the tensors the convolutions just made: a fresh
-            # activation-sized tensor faults its pages in on first touch, 3-7x the cost of GELU or the residual add
-            # on a 2-core CPU (dropout is the identity in eval)
-            y = torch.ops.aten.gelu_(self.conv(self.norm(x)), approximate=self.act1.approximate)
-            y = torch.ops.aten.gelu_(self.linear(y), approximate=self.act2.approximate)
-            return y.add_(x)
+            return self._fused_inference(x)
         return x + self.act2(self.linear(self.drop(self.act1(self.conv(self.norm(x))))))
 
 

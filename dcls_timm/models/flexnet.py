@@ -14,7 +14,7 @@ from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from dcls_timm.layers import FastDropout, FlexConv
-from dcls_timm.layers.fused import conv_bn_act, eager_inference, use_conv_bn_act
+from dcls_timm.layers.fused import conv2d_args, eager_inference, fused_conv2d, use_fused_conv
 
 from ._classifier_net import StemBlocksClassifier
 
@@ -25,7 +25,7 @@ class FlexNetBlock(nn.Module):
     """Residual block of two convolutions (FlexConv by default).
 
     CPU float32 inference runs each convolution with its BatchNorm folded in and the ReLU (and the residual add)
-    fused, as one oneDNN call (:func:`dcls_timm.layers.fused.conv_bn_act`): the same numbers to float32 rounding,
+    fused, as one oneDNN call (:func:`dcls_timm.layers.fused.fused_conv2d`): the same numbers to float32 rounding,
     three passes over the activations fewer per convolution. Training, autograd, FX, tracing, compile, autocast,
     GPUs, hooks, FFT-sized kernels and non-default parts keep the module path; ``fast_path = False`` switches it off.
     The dropout is :class:`~dcls_timm.layers.FastDropout` (``nn.Dropout`` with faster CPU training masks).
@@ -50,13 +50,13 @@ class FlexNetBlock(nn.Module):
         """The block through two fused convolutions, or None where that path does not apply."""
         if not self.fast_path or any(m.training for m in self.modules()) \
                 or not eager_inference(x, tuple(self.children())) \
-                or not (use_conv_bn_act(x, self.bn1, self.act1) and use_conv_bn_act(x, self.bn2, self.act2)):
+                or not (use_fused_conv(x, self.act1, self.bn1) and use_fused_conv(x, self.act2, self.bn2)):
             return None
         conv1, conv2 = _direct_conv(self.conv1), _direct_conv(self.conv2)
         if conv1 is None or conv2 is None or conv1[0].dtype != torch.float32 or conv2[0].dtype != torch.float32:
             return None
-        out = conv_bn_act(x, *conv1, self.bn1)
-        return conv_bn_act(out, *conv2, self.bn2, residual=self.shortcut(x))
+        out = fused_conv2d(x, *conv1, self.act1, self.bn1)
+        return fused_conv2d(out, *conv2, self.act2, self.bn2, residual=self.shortcut(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
@@ -73,10 +73,7 @@ def _direct_conv(conv: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch
     if isinstance(conv, FlexConv) and conv.dim == 2 and not conv.depthwise:
         kernel = conv.direct_kernel()
         return None if kernel is None else (kernel, conv.bias, [s // 2 for s in kernel.shape[2:]])
-    if type(conv) is nn.Conv2d and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 \
-            and conv.padding_mode == 'zeros' and isinstance(conv.padding, tuple):
-        return conv.weight, conv.bias, list(conv.padding)
-    return None
+    return conv2d_args(conv)
 
 
 class FlexNet(StemBlocksClassifier):
