@@ -4,6 +4,7 @@ import pytest
 import timm
 import torch
 
+import dcls_timm.models._classifier_net as classifier_net
 import dcls_timm.models.ccnn as ccnn
 
 
@@ -42,10 +43,12 @@ def test_equal_to_the_module_path_and_input_untouched(kwargs, shape, taken, monk
         fused[0] += 1
         return fused_conv2d(*args, **kw)
     monkeypatch.setattr(ccnn, 'fused_conv2d', counted)
+    monkeypatch.setattr(classifier_net, 'fused_conv2d', counted)  # the stem's
     with torch.inference_mode():
         fast = model(x)
         assert taken[0] == len(model.blocks)
-        assert fused[0] == (0 if kwargs.get('data_dim') == 1 else 2 * len(model.blocks))  # both 1x1 convs of each
+        # 2-D: the stem's pointwise conv (BatchNorm folded in) and both 1x1 convs of each block
+        assert fused[0] == (0 if kwargs.get('data_dim') == 1 else 1 + 2 * len(model.blocks))
         plain = _plain(model, x, monkeypatch)
     assert torch.equal(x, before)
     if kwargs.get('data_dim') == 1:
@@ -59,6 +62,8 @@ def test_hooks_training_and_autograd_take_the_module_path(taken):
     model = timm.create_model('ccnn_4_140', width=12).eval()
     x = torch.randn(2, 3, 16, 16)
     seen = []
+    stem_inputs = []
+    stem_hook = model.stem[1].register_forward_pre_hook(lambda m, i: stem_inputs.append(i[0].shape))
     handle = model.blocks[0].conv.register_forward_hook(lambda m, i, o: seen.append(o))
     with torch.inference_mode():
         model(x)
@@ -67,6 +72,8 @@ def test_hooks_training_and_autograd_take_the_module_path(taken):
         block = model.blocks[0]
         torch.testing.assert_close(seen[0], block.conv(block.norm(model.stem(x))), rtol=0, atol=0)
     handle.remove()
+    stem_hook.remove()
+    assert stem_inputs and all(shape == (2, 12, 16, 16) for shape in stem_inputs)  # the stem's BatchNorm was called
     taken[0] = 0
     model(x).sum().backward()  # autograd: module path
     model.train()

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import dcls_timm.models.convnext_dcls as convnext_dcls
 import dcls_timm.layers.fused as fused
+import dcls_timm.models._classifier_net as classifier_net
 from dcls_timm.layers.fused import fused_conv2d, fused_ops_available, mlp_residual, use_fused_conv, use_fused_mlp
 from dcls_timm.models.flexnet import FlexNetBlock
 from dcls_timm.models.convnext_dcls import ConvNeXtFusedBlock, set_fused_mlp
@@ -164,6 +165,7 @@ def conv_calls(monkeypatch):
         count[0] += 1
         return fused_conv2d(*args, **kwargs)
     monkeypatch.setattr(flexnet, 'fused_conv2d', counted)
+    monkeypatch.setattr(classifier_net, 'fused_conv2d', counted)  # the stem's
     return count
 
 
@@ -185,11 +187,11 @@ def test_flexnet_inference_equals_the_module_path(name, conv_calls):
     x = torch.randn(2, 3, 16, 16)
     with torch.inference_mode():
         out = model(x)
-        assert conv_calls[0] == 2 * len(blocks)  # both convolutions of every block, shortcut convs included
-        for block in blocks:
+        assert conv_calls[0] == 1 + 2 * len(blocks)  # the stem, both convolutions of every block
+        for block in [model.stem] + blocks:
             block.fast_path = False
         ref = model(x)
-    assert conv_calls[0] == 2 * len(blocks)
+    assert conv_calls[0] == 1 + 2 * len(blocks)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert out.abs().max() > 1e-2
 
@@ -221,6 +223,7 @@ def test_fused_conv2d_equals_the_modules():
 
 def test_flexnet_keeps_the_module_path_where_the_fused_one_does_not_apply(conv_calls):
     model = _with_batch_stats(timm.create_model('flexnet_3'))
+    model.stem.fast_path = False  # counted here: the blocks alone
     x = torch.randn(2, 3, 16, 16)
     model.train()
     model(x).sum().backward()  # training and autograd

@@ -137,12 +137,19 @@ def fused_activation(act: nn.Module) -> Optional[str]:
 
 
 def conv2d_args(conv: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor], List[int]]]:
-    """Weight, bias and padding of a plain ``nn.Conv2d`` that :func:`fused_conv2d` can run (stride 1, no dilation,
-    no groups, zero padding given as numbers); None for anything else."""
-    if type(conv) is nn.Conv2d and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 \
+    """Weight, bias and padding of a convolution that :func:`fused_conv2d` can run (stride 1, no dilation, no
+    groups, zero padding, float32): a plain ``nn.Conv2d``, or a 2-D CKConv/FlexConv whose kernel is convolved
+    directly (not through FFTs); None for anything else."""
+    from .flexconv import _ContinuousConvNd
+    if isinstance(conv, _ContinuousConvNd) and conv.dim == 2 and not conv.depthwise:
+        kernel = conv.direct_kernel()
+        args = None if kernel is None else (kernel, conv.bias, [s // 2 for s in kernel.shape[2:]])
+    elif type(conv) is nn.Conv2d and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 \
             and conv.padding_mode == 'zeros' and isinstance(conv.padding, tuple):
-        return conv.weight, conv.bias, list(conv.padding)
-    return None
+        args = conv.weight, conv.bias, list(conv.padding)
+    else:
+        return None
+    return args if args is not None and args[0].dtype == torch.float32 else None
 
 
 def use_fused_conv(x: torch.Tensor, act: nn.Module, bn: Optional[nn.Module] = None) -> bool:

@@ -12,13 +12,44 @@ import torch.nn as nn
 from timm.layers import get_device_dtype, register_notrace_module
 from timm.models._features import feature_take_indices
 
-__all__ = ['StemBlocksClassifier', 'SequenceInput', 'SequenceHead', 'seeded_permutation']
+from dcls_timm.layers import SeparableFlexConv
+from dcls_timm.layers.fused import conv2d_args, eager_inference, fused_conv2d, use_fused_conv
+
+__all__ = ['StemBlocksClassifier', 'ConvNormActStem', 'SequenceInput', 'SequenceHead', 'seeded_permutation']
 
 
 def seeded_permutation(length: int, seed: int = 0) -> torch.Tensor:
     """``numpy.random.seed(seed); numpy.random.permutation(length)`` (the pMNIST permutation for seed 0, length 784:
     693, 85, 647, 392, ...) without touching numpy's global state."""
     return torch.from_numpy(np.random.RandomState(seed).permutation(length)).long()
+
+
+class ConvNormActStem(nn.Sequential):
+    """``conv -> BatchNorm -> activation`` (an ``nn.Sequential``: the same names and state dict). Eager no-grad 2-D
+    evaluation on CPU runs the convolution (a separable FlexConv's pointwise one) with the BatchNorm folded in and
+    the ReLU or GELU inside, one oneDNN call (:func:`dcls_timm.layers.fused.fused_conv2d`, float32 rounding);
+    otherwise, or with hooks, the modules in turn (``fast_path = False``: always)."""
+    fast_path: bool = True
+
+    @torch.jit.unused
+    def _fused_inference(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        if not self.fast_path or len(self) != 3 or any(m.training for m in self.modules()) or not eager_inference(x, tuple(self)) \
+                or not use_fused_conv(x, self[2], self[1]):
+            return None
+        separable = type(self[0]) is SeparableFlexConv
+        conv = conv2d_args(self[0].pointwise if separable else self[0])
+        if conv is None:
+            return None
+        return fused_conv2d(self[0].depthwise(x) if separable else x, *conv, self[2], self[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            fused = self._fused_inference(x)
+            if fused is not None:
+                return fused
+        for module in self:
+            x = module(x)
+        return x
 
 
 @register_notrace_module  # branches on the input's rank: a leaf for FX

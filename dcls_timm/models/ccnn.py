@@ -25,7 +25,7 @@ from dcls_timm.layers import SeparableFlexConv
 from dcls_timm.layers.pointwise import PointwiseConv1d, pointwise_conv
 from dcls_timm.layers.fused import conv2d_args, eager_inference, fused_conv2d, use_fused_conv
 
-from ._classifier_net import SequenceHead, SequenceInput, StemBlocksClassifier
+from ._classifier_net import ConvNormActStem, SequenceHead, SequenceInput, StemBlocksClassifier
 
 __all__ = ['CCNN', 'CCNNBlock', 'checkpoint_filter_fn']
 
@@ -47,8 +47,9 @@ class CCNNBlock(nn.Module):
     Eager no-grad evaluation skips the module calls after the depthwise convolution: in 2-D (float32, CPU) both 1x1
     convolutions run with their GELU inside one oneDNN call (:func:`dcls_timm.layers.fused.fused_conv2d`, float32
     rounding); elsewhere the GELUs and the residual add are written in place (bit-equal). Hooks, FX, tracing,
-    scripting, training and autograd keep the module path.
+    scripting, training and autograd keep the module path, as does ``fast_path = False``.
     """
+    fast_path: bool = True
 
     def __init__(self, channels: int, kernel_size: int, hidden: int, dropout: float, mask_init: float, fft: str,
                  data_dim: int = 2, omega_0: float = DEFAULT_OMEGA_0[2], device=None, dtype=None):
@@ -65,7 +66,7 @@ class CCNNBlock(nn.Module):
     def _inplace_inference(self, x: torch.Tensor) -> bool:
         """Eager no-grad evaluation of the default block, with no hooks that could see (or miss) a tensor."""
         parts = (self.norm, self.conv, self.act1, self.drop, self.linear, self.act2)
-        return not self.training and eager_inference(x, parts) and type(self.act1) is nn.GELU \
+        return self.fast_path and not self.training and eager_inference(x, parts) and type(self.act1) is nn.GELU \
             and type(self.act2) is nn.GELU and type(self.conv) is SeparableFlexConv \
             and type(self.linear) in (PointwiseConv1d, nn.Conv1d, nn.Conv2d) \
             and isinstance(self.norm, nn.modules.batchnorm._BatchNorm)
@@ -152,7 +153,7 @@ class CCNN(StemBlocksClassifier):
         if data_dim == 1:
             self.seq_input = SequenceInput(permute, permutation_seed, permutation_length, device=device)
         self.drop_in = nn.Dropout(dropout_in) if dropout_in > 0 else None
-        self.stem = nn.Sequential(
+        self.stem = ConvNormActStem(
             _sep_flexconv(in_chans, width, data_dim, kernel_size, hidden, mask_init, omega_0, fft, dd),
             _NORMS[data_dim](width, **dd), nn.GELU())
         self.blocks = nn.Sequential(*[

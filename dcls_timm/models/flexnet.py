@@ -6,7 +6,7 @@ Stem ``FlexConv -> BN -> ReLU``, then blocks ``FlexConv -> BN -> ReLU -> Dropout
 1x1 conv only where the width changes) -> ReLU``, global average pool and a 1x1-conv classifier.
 """
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from dcls_timm.layers import FastDropout, FlexConv
 from dcls_timm.layers.fused import conv2d_args, eager_inference, fused_conv2d, use_fused_conv
 
-from ._classifier_net import StemBlocksClassifier
+from ._classifier_net import ConvNormActStem, StemBlocksClassifier
 
 __all__ = ['FlexNet', 'FlexNetBlock']
 
@@ -52,8 +52,8 @@ class FlexNetBlock(nn.Module):
                 or not eager_inference(x, tuple(self.children())) \
                 or not (use_fused_conv(x, self.act1, self.bn1) and use_fused_conv(x, self.act2, self.bn2)):
             return None
-        conv1, conv2 = _direct_conv(self.conv1), _direct_conv(self.conv2)
-        if conv1 is None or conv2 is None or conv1[0].dtype != torch.float32 or conv2[0].dtype != torch.float32:
+        conv1, conv2 = conv2d_args(self.conv1), conv2d_args(self.conv2)
+        if conv1 is None or conv2 is None:
             return None
         out = fused_conv2d(x, *conv1, self.act1, self.bn1)
         return fused_conv2d(out, *conv2, self.act2, self.bn2, residual=self.shortcut(x))
@@ -65,15 +65,6 @@ class FlexNetBlock(nn.Module):
                 return fused
         out = self.drop(self.act1(self.bn1(self.conv1(x))))
         return self.act2(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-def _direct_conv(conv: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor], List[int]]]:
-    """Kernel, bias and padding of a stride-1, ungrouped 2-D convolution computed directly; None for anything else
-    (FFT-sized FlexConv kernels, strides, groups, non-zero padding modes)."""
-    if isinstance(conv, FlexConv) and conv.dim == 2 and not conv.depthwise:
-        kernel = conv.direct_kernel()
-        return None if kernel is None else (kernel, conv.bias, [s // 2 for s in kernel.shape[2:]])
-    return conv2d_args(conv)
 
 
 class FlexNet(StemBlocksClassifier):
@@ -119,7 +110,7 @@ class FlexNet(StemBlocksClassifier):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
-        self.stem = nn.Sequential(
+        self.stem = ConvNormActStem(
             conv_layer(in_chans, widths[0]), nn.BatchNorm2d(widths[0], **dd), nn.ReLU(inplace=True))
         blocks, prev = [], widths[0]
         self.feature_info = [dict(num_chs=prev, reduction=1, module='stem.2')]
