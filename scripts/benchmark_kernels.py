@@ -148,6 +148,14 @@ def _pointwise_table(repeats: int, batch: int = 100, channels: int = 140, length
     return {'rows': rows, 'batch': batch, 'channels': channels, 'length': length}
 
 
+def _print_table(title: str, columns, rows, cells) -> None:
+    """A markdown table: ``cells(row)`` gives each row's column strings."""
+    print(title)
+    print('| ' + ' | '.join(columns) + ' |\n' + '|---' * len(columns) + '|')
+    for r in rows:
+        print('| ' + ' | '.join(cells(r)) + ' |')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='convnext_tiny_dcls')
@@ -163,31 +171,25 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = f'{torch.get_num_threads()} threads, median of {args.repeats}'
     if args.pointwise:
         table = _pointwise_table(args.repeats)
-        print(f"1x1 conv over sequences [{table['batch']}, {table['channels']}, {table['length']}], "
-              f"{torch.get_num_threads()} threads, median of {args.repeats}")
-        print('| route | inference ms | forward + backward ms |\n|---|---|---|')
-        for r in table['rows']:
-            print(f"| {r['route']} | {1e3 * r['inference']:.1f} | {1e3 * r['forward + backward']:.1f} |")
+        _print_table(f"1x1 conv over sequences [{table['batch']}, {table['channels']}, {table['length']}], {threads}",
+                     ['route', 'inference ms', 'forward + backward ms'], table['rows'],
+                     lambda r: [r['route'], f"{1e3 * r['inference']:.1f}", f"{1e3 * r['forward + backward']:.1f}"])
     elif args.widths:
         table = _width_table(args.repeats)
-        print(f"depthwise conv inference, channels-last [{table['batch']}, {table['channels']}, {table['size']}, "
-              f"{table['size']}], {torch.get_num_threads()} threads, median of {args.repeats}")
-        print('| kernel | F.conv2d ms | fast path ms |\n|---|---|---|')
-        for r in table['rows']:
-            print(f"| {r['kernel']} | {1e3 * r['F.conv2d']:.1f} | {1e3 * r['fast path']:.1f} |")
+        _print_table(f"depthwise conv inference, channels-last [{table['batch']}, {table['channels']}, "
+                     f"{table['size']}, {table['size']}], {threads}", ['kernel', 'F.conv2d ms', 'fast path ms'],
+                     table['rows'],
+                     lambda r: [r['kernel'], f"{1e3 * r['F.conv2d']:.1f}", f"{1e3 * r['fast path']:.1f}"])
     elif args.conv:
         table = _conv_table(args.repeats)
-        print(f"17x17 depthwise conv, forward + backward, batch {table['batch']}, {torch.get_num_threads()} threads, "
-              f'median of {args.repeats}')
-        print('| stage shape (C, H=W) | F.conv2d ms | fast path ms | ConvNeXt-T 7x7 F.conv2d ms |\n|---|---|---|---|')
-        for r in table['rows']:
-            print(f"| {r['channels']}, {r['size']} | {1e3 * r['F.conv2d']:.0f} | {1e3 * r['fast path']:.0f} | "
-                  f"{1e3 * r['F.conv2d 7x7']:.0f} |")
-        t = table['total_18_blocks']
-        print(f"| sum over the 18 blocks | {1e3 * t['F.conv2d']:.0f} | {1e3 * t['fast path']:.0f} | "
-              f"{1e3 * t['F.conv2d 7x7']:.0f} |")
+        total = dict(table['total_18_blocks'], label='sum over the 18 blocks')
+        rows = [dict(r, label=f"{r['channels']}, {r['size']}") for r in table['rows']] + [total]
+        _print_table(f"17x17 depthwise conv, forward + backward, batch {table['batch']}, {threads}",
+                     ['stage shape (C, H=W)', 'F.conv2d ms', 'fast path ms', 'ConvNeXt-T 7x7 F.conv2d ms'], rows,
+                     lambda r: [r['label']] + [f'{1e3 * r[k]:.0f}' for k in ('F.conv2d', 'fast path', 'F.conv2d 7x7')])
     if args.widths or args.conv or args.pointwise:
         if args.json:
             with open(args.json, 'w') as f:

@@ -54,15 +54,21 @@ def test_where_the_fused_path_applies():
         assert use_fused_mlp(x, fc1, nn.GELU(), fc2)
 
 
-@pytest.fixture
-def calls(monkeypatch):
+def _count_calls(monkeypatch, fn, *modules):
+    """Replace ``fn`` in each module by a wrapper that counts its calls; returns the one-element counter."""
     count = [0]
 
     def counted(*args, **kwargs):
         count[0] += 1
-        return mlp_residual(*args, **kwargs)
-    monkeypatch.setattr(convnext_dcls, 'mlp_residual', counted)
+        return fn(*args, **kwargs)
+    for module in modules:
+        monkeypatch.setattr(module, fn.__name__, counted)
     return count
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    return _count_calls(monkeypatch, mlp_residual, convnext_dcls)
 
 
 @pytest.mark.parametrize('name', ['convnext_tiny_dcls', 'convnext_tiny_dcls_gauss', 'convnext_tiny_k17'])
@@ -159,14 +165,7 @@ def test_hooks_on_skipped_modules_keep_timms_forward(calls):
 @pytest.fixture
 def conv_calls(monkeypatch):
     import dcls_timm.models.flexnet as flexnet
-    count = [0]
-
-    def counted(*args, **kwargs):
-        count[0] += 1
-        return fused_conv2d(*args, **kwargs)
-    monkeypatch.setattr(flexnet, 'fused_conv2d', counted)
-    monkeypatch.setattr(classifier_net, 'fused_conv2d', counted)  # the stem's
-    return count
+    return _count_calls(monkeypatch, fused_conv2d, flexnet, classifier_net)  # the blocks' and the stem's
 
 
 def _with_batch_stats(model):
