@@ -89,7 +89,7 @@ def _bake_causal(layer: nn.Module, sequence_length: Optional[int]) -> CausalConv
         layer._finish_init(length)  # CCNN's one-time rescale, if no forward pass did it yet
         kernel = layer.causal_kernel(length)
         groups = layer.in_channels if layer.depthwise else 1
-        fft = layer._use_fft(kernel.shape[2:])
+        fft = layer._use_fft(kernel.shape[2:], autograd=False)  # baked models are for inference
     return CausalConv1d(kernel, layer.bias, groups, fft, length if follows_input else 0)
 
 

@@ -287,3 +287,18 @@ def test_fashion_mnist_as_784_step_sequences_learns(fashion_mnist_root, tmp_path
             '--experiment', 'seq']
     result = run(parse_args(argv))
     assert result['eval']['top1'] > 30  # 10 classes: chance is 10 %
+
+
+def test_depthwise_causal_path_follows_autograd():
+    # FFTs from 5 taps when autograd records (their written-out backward is the faster one), direct convolution up
+    # to 100 taps without it; both give the same layer output
+    layer = FlexConv(3, 3, -1, dim=1, causal=True, depthwise=True, init='ccnn')
+    assert layer._use_fft((65,)) and layer._use_fft((5,)) and not layer._use_fft((4,))
+    with torch.no_grad():
+        assert not layer._use_fft((65,)) and not layer._use_fft((100,)) and layer._use_fft((101,))
+    assert not layer._use_fft((65,), autograd=False)
+    x = torch.randn(2, 3, 200)
+    with torch.no_grad():
+        direct = layer(x)
+    assert layer.causal_taps() > 5
+    torch.testing.assert_close(layer(x).detach(), direct, rtol=1e-5, atol=1e-5)

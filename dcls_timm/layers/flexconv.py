@@ -10,7 +10,8 @@ Causal 1-D layers (``causal=True``, the CCNN sequence models, SPEC 8.1): the gri
 ``size - 1``; the mask's mean is a fixed buffer at +1 (only its width learns) and the kernel is cropped to the last
 ``n = ceil(size * ((1 - mu) + 2.146 sigma) / 2) + 1`` grid points (65 taps for 784 points at sigma 0.075); the input
 is padded on the left only. ``kernel_size=-1`` samples the grid with as many points as the input is long.
-FFT convolution when the kernel has more than 50 taps.
+FFT convolution (``fft='auto'``) for kernels of more than 50 taps; depthwise ones (CCNN): from 5 taps under autograd,
+above 100 without (whichever is faster on a CPU; the two paths agree to float32 rounding).
 
 ``init='ccnn'`` (CCNN's kernel-network init, :mod:`.magnet`) also rescales the MAGNet output layer once by
 ``sqrt(1/n)`` (n: taps of the initial cropped kernel) at the first forward pass, guarded by the persistent
@@ -37,7 +38,10 @@ MASK_THRESHOLD = 0.1
 _MASK_RADIUS = math.sqrt(-2 * math.log(MASK_THRESHOLD))  # |x - mu| <= sigma * 2.146 where the mask exceeds 0.1
 _SIGMA_EPS = 1e-4
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-CAUSAL_FFT_MIN_TAPS = 51  # causal 1-D kernels longer than 50 taps use the FFT path (fft='auto')
+CAUSAL_FFT_MIN_TAPS = 51  # full causal 1-D kernels longer than 50 taps use the FFT path (fft='auto')
+# depthwise causal kernels (CCNN 1-D): with autograd the FFT path (its backward written out) is faster from 5 taps up,
+# without it the direct convolution is faster up to about 100 taps (2 cores, [100, 140, 784] and [16, 140, 784])
+DEPTHWISE_CAUSAL_FFT_MIN_TAPS = {'autograd': 5, 'inference': 101}
 
 
 def fft_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -311,9 +315,14 @@ class _ContinuousConvNd(nn.Module):
         kernel = self.construct_kernel()
         return None if self._use_fft(kernel.shape[2:]) else kernel
 
-    def _use_fft(self, sizes: Sequence[int]) -> bool:
+    def _use_fft(self, sizes: Sequence[int], autograd: Optional[bool] = None) -> bool:
+        """Whether a kernel of these sizes takes the FFT path; ``autograd`` (default: grad mode is on) matters for
+        depthwise causal kernels."""
         if self.fft != 'auto':
             return self.fft == 'always'
+        if self.causal and self.depthwise:
+            autograd = torch.is_grad_enabled() if autograd is None else autograd
+            return sizes[0] >= DEPTHWISE_CAUSAL_FFT_MIN_TAPS['autograd' if autograd else 'inference']
         if self.causal:
             return sizes[0] >= CAUSAL_FFT_MIN_TAPS
         return math.prod(sizes) >= (23 ** 2 if self.dim == 2 else 23 if self.dim == 1 else 9 ** 3)

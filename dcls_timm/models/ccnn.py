@@ -11,8 +11,8 @@ guarded by the persistent ``initialized`` buffers (SPEC 8.1).
 
 ``data_dim=1`` (SPEC 8.1): a causal sequence model reading ``[B, C, L]`` sequences or ``[B, C, H, W]`` images flattened
 row major (sMNIST, sCIFAR10), optionally permuted (``permute=True``, ``permutation_seed``: pMNIST); by default its
-kernel grid has as many points as the input is long (``kernel_size=-1``) and FFT convolutions serve kernels longer
-than 50 taps.
+kernel grid has as many points as the input is long (``kernel_size=-1``) and FFT convolutions serve kernels of 5 taps
+or more under autograd, of more than 100 taps without (whichever is faster on a CPU).
 """
 from typing import Any, Dict, Optional
 
