@@ -80,3 +80,20 @@ def test_hooks_training_and_autograd_take_the_module_path(taken):
     with torch.no_grad():
         model(x)  # training mode: dropout is live
     assert taken[0] == 0
+
+
+@pytest.mark.parametrize('kwargs, shape', [(dict(), (2, 3, 16, 16)), (dict(data_dim=1, in_chans=1), (2, 1, 64))])
+def test_monte_carlo_dropout_autocast_and_jit_trace_take_the_module_path(kwargs, shape, taken):
+    torch.manual_seed(0)
+    model = timm.create_model('ccnn_4_140', width=12, dropout=0.9, **kwargs).eval()
+    x = torch.randn(*shape)
+    model.blocks[0].drop.train()  # Monte Carlo dropout in one block
+    with torch.no_grad():
+        model(x)
+    assert taken[0] == len(model.blocks) - 1
+    model.eval()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        model(x)
+    assert taken[0] == len(model.blocks) - 1  # autocast: the module path (the residual stream stays float32)
+    traced = torch.jit.trace(model, x, check_trace=False)  # the custom FFT backward is not traceable: plain ops
+    torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)

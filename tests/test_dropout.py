@@ -1,15 +1,17 @@
-"""FastDropout: nn.Dropout's semantics (rate, scaling, gradient, seeding) with integer-bit CPU masks."""
+"""dcls_timm.layers.dropout: nn.Dropout's semantics (rate, scaling, gradient, seeding) with integer-bit CPU masks,
+and the module itself wherever something could tell (FX, hooks, eval)."""
 import pytest
 import torch
 import torch.nn as nn
 
-from dcls_timm.layers import FastDropout, cpu_dropout
+from dcls_timm.layers import cpu_dropout, dropout
+from dcls_timm.models.flexnet import FlexNetBlock
 
 
 def test_rate_scale_and_gradient():
     torch.manual_seed(0)
     x = torch.rand(200, 50, 100).add_(0.5).requires_grad_()  # 10^6 elements, none zero
-    y = FastDropout(0.2)(x)
+    y = dropout(nn.Dropout(0.2), x)
     kept = y != 0
     rate = kept.double().mean().item()
     assert abs(rate - 0.8) < 5 * (0.8 * 0.2 / x.numel()) ** 0.5  # five standard deviations
@@ -20,30 +22,33 @@ def test_rate_scale_and_gradient():
 
 def test_seeded_layout_inplace_and_identity_cases():
     x = torch.randn(2, 6, 5, 5).contiguous(memory_format=torch.channels_last)
-    drop = FastDropout(0.5)
+    drop = nn.Dropout(0.5)
     torch.manual_seed(3)
-    a = drop(x)
+    a = dropout(drop, x)
     torch.manual_seed(3)
-    b = drop(x)
+    b = dropout(drop, x)
     assert torch.equal(a, b) and a.is_contiguous(memory_format=torch.channels_last)
     torch.manual_seed(3)
-    c = FastDropout(0.5, inplace=True)(x.clone())
-    assert torch.equal(a, c)
-    assert torch.equal(drop.eval()(x), x) and torch.equal(FastDropout(0.)(x), x)
-    assert torch.equal(FastDropout(1.)(x), torch.zeros_like(x))  # p = 1: F.dropout's zeros
-    assert isinstance(drop, nn.Dropout) and not drop.state_dict()
+    assert torch.equal(dropout(nn.Dropout(0.5, inplace=True), x.clone()), a)
+    assert torch.equal(dropout(drop.eval(), x), x) and torch.equal(dropout(nn.Dropout(0.), x), x)
+    assert torch.equal(dropout(nn.Dropout(1.), x), torch.zeros_like(x))  # p = 1: the module's zeros
     with pytest.raises(ValueError, match='0 <= p < 1'):
         cpu_dropout(x, 1.)
 
 
-def test_fx_graphs_draw_the_eager_masks():
-    model = nn.Sequential(nn.Linear(8, 8), FastDropout(0.3))
-    traced = torch.fx.symbolic_trace(model)
-    assert 'fast_dropout' in {getattr(n.target, '__name__', '') for n in traced.graph.nodes}
-    x = torch.randn(4, 8)
-    torch.manual_seed(5)
-    eager = model(x)
-    torch.manual_seed(5)
-    assert torch.equal(traced(x), eager) and (eager == 0).any()
-    scripted = torch.jit.script(model.eval())
-    assert torch.equal(scripted(x), model(x))
+def test_hooks_fx_and_mode_changes_see_the_module():
+    drop, x = nn.Dropout(0.5), torch.ones(4, 8)
+    calls = []
+    handle = drop.register_forward_hook(lambda m, i, o: calls.append(o))
+    out = dropout(drop, x)
+    handle.remove()
+    assert len(calls) == 1 and calls[0] is out
+    block = FlexNetBlock(4, 4, lambda i, o: nn.Conv2d(i, o, 3, padding=1), dropout=0.5)
+    traced = torch.fx.symbolic_trace(block)  # traced in training mode
+    assert 'drop' in {n.target for n in traced.graph.nodes if n.op == 'call_module'}
+    y = torch.randn(2, 4, 6, 6)
+    block.eval()
+    traced.eval()
+    with torch.no_grad():  # the graph follows eval(): no dropout
+        torch.testing.assert_close(traced(y), block(y), rtol=1e-5, atol=1e-6)
+        assert torch.equal(traced(y), traced(y))

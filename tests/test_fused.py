@@ -25,11 +25,11 @@ TINY = dict(depths=(1, 2, 1, 1), dims=(8, 16, 24, 32), num_classes=10)
 @pytest.mark.parametrize('bias', [True, False])
 def test_mlp_residual_equals_the_module_path(gamma, bias):
     torch.manual_seed(0)
-    fc1, fc2 = nn.Linear(24, 96, bias=bias), nn.Linear(96, 24, bias=bias)
+    fc1, fc2 = nn.Linear(24, 96, bias=bias).eval(), nn.Linear(96, 24, bias=bias).eval()
     x, shortcut = torch.randn(2, 5, 7, 24), torch.randn(2, 5, 7, 24)
     g = torch.randn(24) if gamma else None
     with torch.inference_mode():
-        assert use_fused_mlp(x, fc1, nn.GELU(), fc2)
+        assert use_fused_mlp(x, fc1, nn.GELU().eval(), fc2)
         out = mlp_residual(x, shortcut, fc1, fc2, g)
         y = fc2(F.gelu(fc1(x)))
         ref = shortcut + (y * g if gamma else y)
@@ -40,18 +40,20 @@ def test_mlp_residual_equals_the_module_path(gamma, bias):
 
 
 def test_where_the_fused_path_applies():
-    fc1, fc2, x = nn.Linear(8, 32), nn.Linear(32, 8), torch.randn(2, 3, 3, 8)
+    fc1, fc2, x = nn.Linear(8, 32).eval(), nn.Linear(32, 8).eval(), torch.randn(2, 3, 3, 8)
     with torch.inference_mode():
-        assert use_fused_mlp(x, fc1, nn.GELU(), fc2)
-        assert use_fused_mlp(x, fc1, timm.layers.get_act_layer('gelu')(), fc2)
-        assert not use_fused_mlp(x, fc1, nn.GELU(approximate='tanh'), fc2)  # oneDNN's 'none' is the erf form
-        assert not use_fused_mlp(x, fc1, nn.ReLU(), fc2)
-        assert not use_fused_mlp(x.double(), copy.deepcopy(fc1).double(), nn.GELU(), copy.deepcopy(fc2).double())
+        assert use_fused_mlp(x, fc1, nn.GELU().eval(), fc2)
+        assert use_fused_mlp(x, fc1, timm.layers.get_act_layer('gelu')().eval(), fc2)
+        assert not use_fused_mlp(x, fc1, nn.GELU(approximate='tanh').eval(), fc2)  # oneDNN's 'none' is the erf form
+        assert not use_fused_mlp(x, fc1, nn.ReLU().eval(), fc2)
+        assert not use_fused_mlp(x.double(), copy.deepcopy(fc1).double(), nn.GELU().eval(),
+                                 copy.deepcopy(fc2).double())
+        assert not use_fused_mlp(x, fc1, nn.GELU(), fc2)  # a module in training mode
         with torch.autocast('cpu', dtype=torch.bfloat16):
-            assert not use_fused_mlp(x, fc1, nn.GELU(), fc2)
-    assert not use_fused_mlp(x, fc1, nn.GELU(), fc2)  # autograd on
+            assert not use_fused_mlp(x, fc1, nn.GELU().eval(), fc2)
+    assert not use_fused_mlp(x, fc1, nn.GELU().eval(), fc2)  # autograd on
     with torch.no_grad():
-        assert use_fused_mlp(x, fc1, nn.GELU(), fc2)
+        assert use_fused_mlp(x, fc1, nn.GELU().eval(), fc2)
 
 
 def _count_calls(monkeypatch, fn, *modules):
@@ -249,3 +251,12 @@ def test_flexnet_keeps_the_module_path_where_the_fused_one_does_not_apply(conv_c
         model(x)
     assert conv_calls[0] == 8 * (len(model.blocks) - 1)
     assert torch.isfinite(fft_out).all()
+
+
+def test_a_drop_path_in_training_mode_keeps_timms_forward(calls):
+    model = timm.create_model('convnext_tiny_dcls', drop_path_rate=0.5, **TINY).eval()
+    block = model.stages[1].blocks[0]
+    block.drop_path.train()  # stochastic depth kept on at evaluation: the fused path would skip it
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 32, 32))
+    assert calls[0] == sum(TINY['depths']) - 1

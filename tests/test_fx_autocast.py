@@ -60,6 +60,9 @@ FX_MODELS = ['convnext_atto_dcls', 'convnext_tiny_dcls_gauss', 'convnext_tiny_di
              'resnet26_dcls', 'fastvit_sa24_dcls', 'convformer_s18_dcls', 'caformer_s18_dcls', 'flexnet_3',
              'flexnet_7_conv3', 'ccnn_4_140', 'ckcnn_2_30']
 SIZES = {'ckcnn_2_30': 16}  # read as a 256-step sequence
+# eager FlexNet draws its CPU dropout masks from integer bits, its FX graph calls the nn.Dropout module (bernoulli
+# masks): the same seed gives other masks, so these two compare without dropout
+KWARGS = {'flexnet_3': dict(dropout=0.), 'flexnet_7_conv3': dict(dropout=0.)}
 
 
 def test_fx_models_cover_every_family():
@@ -70,7 +73,7 @@ def test_fx_models_cover_every_family():
 @pytest.mark.parametrize('model_name', FX_MODELS)
 def test_fx_traced_model_gets_every_gradient_like_eager(model_name):
     torch.manual_seed(0)
-    model = timm.create_model(model_name, num_classes=5)
+    model = timm.create_model(model_name, num_classes=5, **KWARGS.get(model_name, {}))
     size, chans = SIZES.get(model_name, 32), model.pretrained_cfg['input_size'][0]
     _assert_fx_trains_like_eager(model, TIMM_TRACER, torch.randn(2, chans, size, size))
 

@@ -93,7 +93,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         if torch.jit.is_scripting():  # autograd.Function is not scriptable: the same forward, autograd's backward
             y = _depthwise_causal_fft(x.to(dtype), weight.to(dtype), full)[0]
         else:
-            y = _DepthwiseCausalFFTConv.apply(x.to(dtype), weight.to(dtype), full)
+            y = _depthwise_causal_fft_conv(x.to(dtype), weight.to(dtype), full)
     elif groups == 1:
         X = torch.fft.rfft(x.to(dtype), n=full)
         K = torch.fft.rfft(weight.to(dtype).flip(-1), n=full)  # correlation with w = convolution with w flipped
@@ -139,6 +139,13 @@ class _DepthwiseCausalFFTConv(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = torch.fft.irfft((G * X.conj()).sum(0), n=size)[:, :taps].flip(-1).unsqueeze(1)
         return grad_x, grad_w, None
+
+
+def _depthwise_causal_fft_conv(x: torch.Tensor, weight: torch.Tensor, size: int) -> torch.Tensor:
+    # jit.trace cannot record a custom autograd.Function: traced graphs get the same forward, autograd's backward
+    if torch.jit.is_tracing():
+        return _depthwise_causal_fft(x, weight, size)[0]
+    return _DepthwiseCausalFFTConv.apply(x, weight, size)
 
 
 class _ContinuousConvNd(nn.Module):

@@ -68,15 +68,16 @@ def fused_ops_available() -> bool:
 
 
 def eager_inference(x: torch.Tensor, modules: Sequence[nn.Module]) -> bool:
-    """Eager evaluation without autograd, in which no forward hook could see (or miss) ``modules`` (and their
-    submodules): the condition for a fast path that computes what those modules compute without calling them.
-    False under FX, tracing, compiling and autograd, and while any module hook, local or global, is set."""
+    """Eager evaluation without autograd or autocast, with ``modules`` (and their submodules) all in eval mode and
+    no forward hook that could see (or miss) them: the condition for a fast path that computes what those modules
+    compute without calling them. False under FX, tracing, compiling, autograd and autocast, while any of the modules
+    is in training mode (Monte Carlo dropout, drop path), and while any module hook, local or global, is set."""
     if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling() \
-            or torch.is_grad_enabled():
+            or torch.is_grad_enabled() or torch.is_autocast_enabled() or torch.is_autocast_enabled('cpu'):
         return False
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for mod in modules for m in mod.modules())
+    return not any(m.training or m._forward_hooks or m._forward_pre_hooks for mod in modules for m in mod.modules())
 
 
 def _cpu_float32(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -87,7 +88,7 @@ def _cpu_float32(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 
 def _exact_gelu(act: nn.Module) -> bool:
     # timm's GELU (its act_layer='gelu') calls F.gelu in the exact (erf) form, as oneDNN's 'none' algorithm
-    return isinstance(act, TimmGELU) or (isinstance(act, nn.GELU) and act.approximate == 'none')
+    return type(act) is TimmGELU or (type(act) is nn.GELU and act.approximate == 'none')
 
 
 def use_fused_mlp(x: torch.Tensor, fc1: nn.Module, act: nn.Module, fc2: nn.Module) -> bool:

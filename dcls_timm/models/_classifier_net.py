@@ -33,7 +33,7 @@ class ConvNormActStem(nn.Sequential):
 
     @torch.jit.unused
     def _fused_inference(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        if not self.fast_path or len(self) != 3 or any(m.training for m in self.modules()) or not eager_inference(x, tuple(self)) \
+        if not self.fast_path or len(self) != 3 or not eager_inference(x, tuple(self)) \
                 or not use_fused_conv(x, self[2], self[1]):
             return None
         separable = type(self[0]) is SeparableFlexConv

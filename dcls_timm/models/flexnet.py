@@ -13,7 +13,8 @@ import torch.nn as nn
 from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from dcls_timm.layers import FastDropout, FlexConv
+from dcls_timm.layers import FlexConv
+from dcls_timm.layers.dropout import dropout as fast_dropout
 from dcls_timm.layers.fused import conv2d_args, eager_inference, fused_conv2d, use_fused_conv
 
 from ._classifier_net import ConvNormActStem, StemBlocksClassifier
@@ -28,7 +29,7 @@ class FlexNetBlock(nn.Module):
     fused, as one oneDNN call (:func:`dcls_timm.layers.fused.fused_conv2d`): the same numbers to float32 rounding,
     three passes over the activations fewer per convolution. Training, autograd, FX, tracing, compile, autocast,
     GPUs, hooks, FFT-sized kernels and non-default parts keep the module path; ``fast_path = False`` switches it off.
-    The dropout is :class:`~dcls_timm.layers.FastDropout` (``nn.Dropout`` with faster CPU training masks).
+    The dropout is an ``nn.Dropout`` whose eager CPU training masks come from :func:`dcls_timm.layers.dropout`.
     """
     fast_path: bool = True
 
@@ -39,7 +40,7 @@ class FlexNetBlock(nn.Module):
         self.conv1 = conv_layer(in_chs, out_chs)
         self.bn1 = nn.BatchNorm2d(out_chs, **dd)
         self.act1 = nn.ReLU(inplace=True)
-        self.drop = FastDropout(dropout)
+        self.drop = nn.Dropout(dropout)
         self.conv2 = conv_layer(out_chs, out_chs)
         self.bn2 = nn.BatchNorm2d(out_chs, **dd)
         self.shortcut = nn.Conv2d(in_chs, out_chs, 1, **dd) if in_chs != out_chs else nn.Identity()
@@ -48,8 +49,7 @@ class FlexNetBlock(nn.Module):
     @torch.jit.unused
     def _fused_inference(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The block through two fused convolutions, or None where that path does not apply."""
-        if not self.fast_path or any(m.training for m in self.modules()) \
-                or not eager_inference(x, tuple(self.children())) \
+        if not self.fast_path or not eager_inference(x, tuple(self.children())) \
                 or not (use_fused_conv(x, self.act1, self.bn1) and use_fused_conv(x, self.act2, self.bn2)):
             return None
         conv1, conv2 = conv2d_args(self.conv1), conv2d_args(self.conv2)
@@ -63,7 +63,11 @@ class FlexNetBlock(nn.Module):
             fused = self._fused_inference(x)
             if fused is not None:
                 return fused
-        out = self.drop(self.act1(self.bn1(self.conv1(x))))
+        out = self.act1(self.bn1(self.conv1(x)))
+        if torch.jit.is_scripting():
+            out = self.drop(out)
+        else:  # CPU training masks from integer bits (the module itself under FX, hooks, GPUs, eval)
+            out = fast_dropout(self.drop, out)
         return self.act2(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
