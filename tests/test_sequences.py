@@ -128,6 +128,29 @@ def test_depthwise_causal_fft_gradients_equal_the_direct_ones(length, taps):
         torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
     only_w = torch.autograd.grad(causal_conv1d(x.detach(), w, None, groups=4, fft=True), w, g)[0]
     torch.testing.assert_close(only_w, torch.autograd.grad(causal_conv1d(x.detach(), w, None, groups=4), w, g)[0])
+    only_x = torch.autograd.grad(causal_conv1d(x, w.detach(), None, groups=4, fft=True), x, g)[0]
+    torch.testing.assert_close(only_x, torch.autograd.grad(causal_conv1d(x, w.detach(), None, groups=4), x, g)[0])
+    # the saved spectra survive a backward: a second one through a retained graph gives the same gradients
+    out = causal_conv1d(x, w, b, groups=4, fft=True)
+    first = torch.autograd.grad(out, (x, w), g, retain_graph=True)
+    for a, r in zip(torch.autograd.grad(out, (x, w), g), first):
+        assert torch.equal(a, r)
+
+
+def test_depthwise_causal_fft_without_autograd_is_bit_equal_and_leaves_its_inputs():
+    # without autograd the spectrum product and the bias add run in place: same bits as the graph-building forward
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 4, 50), torch.randn(4, 1, 50, requires_grad=True), torch.randn(4)
+    copies = x.clone(), w.detach().clone(), b.clone()
+    graph = causal_conv1d(x, w, b, groups=4, fft=True)
+    assert graph.requires_grad
+    with torch.no_grad():
+        plain = causal_conv1d(x, w, b, groups=4, fft=True)
+    with torch.inference_mode():
+        inference = causal_conv1d(x, w, b, groups=4, fft=True)
+    assert torch.equal(plain, graph.detach()) and torch.equal(inference, plain)
+    for t, c in zip((x, w.detach(), b), copies):
+        assert torch.equal(t, c)
 
 
 def test_causal_conv_definition_and_fft_equals_direct():

@@ -101,7 +101,9 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     else:
         raise ValueError('causal_conv1d(fft=True) supports groups=1 and depthwise convolutions only.')
     if bias is not None:
-        y = y + bias.to(dtype).view(1, -1, 1)
+        bias = bias.to(dtype).view(1, -1, 1)
+        # y is fresh here: without autograd add in place (a new activation-sized tensor faults its pages in on CPU)
+        y = y.add_(bias) if not (torch.is_grad_enabled() and (y.requires_grad or bias.requires_grad)) else y + bias
     return y.to(x.dtype)
 
 
@@ -122,22 +124,27 @@ class _DepthwiseCausalFFTConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, size: int) -> torch.Tensor:
-        y, X, K = _depthwise_causal_fft(x, weight, size)
-        ctx.save_for_backward(X, K)
+        X = torch.fft.rfft(x, n=size)
+        K = torch.fft.rfft(weight[:, 0].flip(-1), n=size)  # correlation with w = convolution with w flipped
+        need_x, need_w = ctx.needs_input_grad[:2]
+        y = torch.fft.irfft(X * K if need_w else X.mul_(K), n=size)[..., :x.shape[-1]]
+        # the kernel gradient sums G * conj(X) over the batch: keep conj(X), made in place (a lazily conjugated
+        # operand would be copied whole in the backward)
+        ctx.save_for_backward(X.conj_physical_() if need_w else None, K if need_x else None)
         ctx.lengths = (x.shape[-1], weight.shape[-1], size)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        X, K = ctx.saved_tensors
+        X_conj, K = ctx.saved_tensors
         length, taps, size = ctx.lengths
         G = torch.fft.rfft(grad, n=size)
         grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.fft.irfft(G * K.conj(), n=size)[..., :length]
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.fft.irfft((G * X.conj()).sum(0), n=size)[:, :taps].flip(-1).unsqueeze(1)
+        if ctx.needs_input_grad[1]:  # the batch sum as a batched matmul over strided views, nothing materialised
+            grad_w = torch.fft.irfft(torch.einsum('bcf,bcf->cf', G, X_conj), n=size)[:, :taps].flip(-1).unsqueeze(1)
+        if ctx.needs_input_grad[0]:  # last use of G: in place, one spectrum-sized tensor fewer
+            grad_x = torch.fft.irfft(G.mul_(K.conj()), n=size)[..., :length]
         return grad_x, grad_w, None
 
 
@@ -145,7 +152,12 @@ def _depthwise_causal_fft_conv(x: torch.Tensor, weight: torch.Tensor, size: int)
     # jit.trace cannot record a custom autograd.Function: traced graphs get the same forward, autograd's backward
     if torch.jit.is_tracing():
         return _depthwise_causal_fft(x, weight, size)[0]
-    return _DepthwiseCausalFFTConv.apply(x, weight, size)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _DepthwiseCausalFFTConv.apply(x, weight, size)
+    # nothing to save for a backward: the kernel's spectrum multiplies the input's in place (bit-equal)
+    X = torch.fft.rfft(x, n=size)
+    X.mul_(torch.fft.rfft(weight[:, 0].flip(-1), n=size))
+    return torch.fft.irfft(X, n=size)[..., :x.shape[-1]]
 
 
 class _ContinuousConvNd(nn.Module):
