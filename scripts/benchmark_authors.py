@@ -13,8 +13,9 @@ machine drift hits both alike (median of ``--repeats`` after warm-up), with the 
 0.075, kernels cropped to a few taps) and optionally widened (``spread``: every mask's sigma set to ``--spread``,
 1.0 by default, so no kernel is cropped: 33x33 taps in 2-D, all 784 in 1-D, as after training). The Adam step
 gives the mask parameters a learning rate of 0 on both sides, so the crop sizes stay those being measured.
-``ratio`` is theirs / ours (> 1: ours is faster). The spread rows run at ``--spread-batch-size`` (16: the
-authors' uncropped 33x33 convolutions take minutes per step at 64 on a small CPU); a layer check times the last
+``ratio`` is theirs / ours (> 1: ours is faster). The spread rows run at ``--spread-batch-size`` (by default 16 in
+2-D, where the authors' uncropped 33x33 convolutions take minutes per step at 64 on a small CPU, and the recipe's
+100 in 1-D, where their step takes seconds); a layer check times the last
 FlexConv layer of each side alone, spread, inference, at the recipe batch, so that effects of the batch size on
 the convolution paths still show. ``--profile`` adds one profiled step of each side (``torch.profiler``, CPU): the
 share of self CPU time in convolution and FFT ops, and the top ops.
@@ -63,18 +64,20 @@ from fetch_authors_code import DEFAULT_DEST, REPOS, check as check_copy  # noqa:
 CASES = {
     'flexnet7': dict(
         title='FlexNet-7, CIFAR-10 (3x32x32)', repo='flexconv', recipe='flexnet7_cifar10',
-        ours=('flexnet_7', {}), input=(3, 32, 32), batch=64, spec_params=671_650,
+        ours=('flexnet_7', {}), input=(3, 32, 32), batch=64, spread_batch=16, spec_params=671_650,
         builder='flexnet', in_channels=3, out_channels=10, data_dim=2),
     'ccnn2d': dict(
         # their CIFAR-10 CCNN-4,140 command says mask.init_value=0.75 (every other CCNN command, and ours: 0.075,
         # the value of the paper); 0.075 here so that both sides crop alike. The 'spread' rows cover wide masks.
         title='CCNN-4,140, CIFAR-10 (3x32x32)', repo='ccnn', recipe='ccnn_4_140_cifar10',
         extra_overrides=['mask.init_value=0.075'],
-        ours=('ccnn_4_140', {}), input=(3, 32, 32), batch=64, spec_params=201_042,
+        ours=('ccnn_4_140', {}), input=(3, 32, 32), batch=64, spread_batch=16, spec_params=201_042,
         builder='ccnn', in_channels=3, out_channels=10, data_dim=2, data_type='image'),
     'ccnn1d': dict(
         title='CCNN-4,140, sMNIST (1x784)', repo='ccnn', recipe='ccnn_4_140_smnist',
-        ours=('ccnn_4_140', dict(data_dim=1, in_chans=1)), input=(1, 784), batch=100, spec_params=198_769,
+        # spread rows at the recipe batch: the authors' 1-D step takes seconds there, not minutes
+        ours=('ccnn_4_140', dict(data_dim=1, in_chans=1)), input=(1, 784), batch=100, spread_batch=None,
+        spec_params=198_769,
         builder='ccnn', in_channels=1, out_channels=10, data_dim=1, data_type='sequence'),
 }
 
@@ -422,6 +425,16 @@ def _ks(sizes: List[List[int]]) -> str:
     return '/'.join(uniq)
 
 
+def _spread_batch_text(spread_batch_size) -> str:
+    if spread_batch_size is None or spread_batch_size < 0:
+        return ('batch 16 in 2-D (the authors\' uncropped 33x33 convolutions take minutes per step at the recipe '
+                'batch on a small CPU) and at the recipe batch in 1-D')
+    if spread_batch_size == 0:
+        return 'the batch of the init rows'
+    return (f"batch {spread_batch_size} (the authors' uncropped convolutions take minutes per step at the recipe "
+            'batch on a small CPU)')
+
+
 def to_markdown(results: dict) -> str:
     m = results['machine']
     lines = [
@@ -437,10 +450,9 @@ def to_markdown(results: dict) -> str:
         'faster). Train step: forward, cross-entropy, backward, Adam (mask parameters at lr 0 on both sides, so the '
         'crop sizes stay fixed); infer: `torch.inference_mode` forward in eval mode. `init`: masks as created '
         f"(sigma 0.075); `spread`: every mask sigma set to {results['spread_sigma']:g} (no cropping: the whole "
-        'grid), as after training; these rows run at batch '
-        f"{results.get('spread_batch_size') or 'as the init rows'} (the authors' uncropped convolutions take "
-        'minutes per step at the recipe batch on a small CPU), and the layer check below repeats the last layer '
-        'at the recipe batch. Kernel: the spatial sizes the layers convolved with (ours | theirs).', '',
+        f"grid), as after training; these rows run at {_spread_batch_text(results.get('spread_batch_size'))}, "
+        'and the layer check below repeats the last layer at the recipe batch. Kernel: the spatial sizes the '
+        'layers convolved with (ours | theirs).', '',
         '| case | batch | mode | masks | kernel (ours \\| theirs) | ours ms | theirs ms | ratio |',
         '|---|---|---|---|---|---|---|---|']
     for r in results['speed']:
@@ -504,8 +516,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument('--batch-size', type=int, default=0, help="0: each recipe's (64, 64, 100)")
     parser.add_argument('--repeats', type=int, default=7)
     parser.add_argument('--spread-repeats', type=int, default=3, help='repeats of the (slow) spread rows')
-    parser.add_argument('--spread-batch-size', type=int, default=16,
-                        help='batch of the spread rows (0: that of the init rows)')
+    parser.add_argument('--spread-batch-size', type=int, default=-1,
+                        help="batch of the spread rows (-1: each case's, 16 in 2-D, the recipe's in 1-D; "
+                             '0: that of the init rows)')
     parser.add_argument('--layer-repeats', type=int, default=2,
                         help='repeats of the one-layer check at the recipe batch (0: skip it)')
     parser.add_argument('--warmup', type=int, default=1)
@@ -552,7 +565,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(batch, *case['input'], generator=gen)
         y = torch.randint(0, case['out_channels'], (batch,), generator=gen)
-        spread_batch = min(batch, args.spread_batch_size or batch)
+        spread_batch = min(batch, (case['spread_batch'] if args.spread_batch_size < 0 else args.spread_batch_size)
+                           or batch)
 
         def build(side: str, spread: bool) -> nn.Module:
             torch.manual_seed(0)
