@@ -114,6 +114,18 @@ def test_fft_conv_matches_conv2d_and_rejects_what_it_cannot_do():
         fft_conv(torch.randn(1, 4, 8, 8), torch.randn(4, 2, 3, 3), groups=2)
 
 
+@pytest.mark.parametrize('dim', [1, 2])
+def test_fft_path_takes_an_empty_batch(dim):
+    # MKL's FFTs refuse empty batches: the FFT path hands them to the direct convolution
+    conv = FlexConv(3, 3, 33, dim=dim, depthwise=True, fft='always', causal=dim == 1)
+    x = torch.randn(0, 3, *([20] * dim), requires_grad=True)
+    out = conv(x)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape and all(torch.equal(p.grad, torch.zeros_like(p)) for p in conv.parameters()
+                                           if p.grad is not None)
+
+
 def test_anti_aliasing_loss_zero_when_band_limited():
     conv = FlexConv(2, 2, 33)
     with torch.no_grad():

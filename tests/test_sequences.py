@@ -135,6 +135,10 @@ def test_depthwise_causal_fft_gradients_equal_the_direct_ones(length, taps):
     first = torch.autograd.grad(out, (x, w), g, retain_graph=True)
     for a, r in zip(torch.autograd.grad(out, (x, w), g), first):
         assert torch.equal(a, r)
+    # an empty batch: empty input gradient, zero kernel gradient
+    empty = x[:0].detach().requires_grad_()
+    grads = torch.autograd.grad(causal_conv1d(empty, w, None, groups=4, fft=True).sum(), (empty, w))
+    assert grads[0].shape == empty.shape and torch.equal(grads[1], torch.zeros_like(w))
 
 
 def test_depthwise_causal_fft_without_autograd_is_bit_equal_and_leaves_its_inputs():

@@ -60,6 +60,8 @@ def _fft_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: Tuple
     """``grad_w[c, i, j] = sum_{b, y, x} g[b, c, y, x] * x_padded[b, c, y + i, x + j]``: a circular
     cross-correlation of the unpadded input with the output gradient at lags ``i - padding``, summed over the batch
     in frequency space. The FFT only needs to be long enough that no wanted lag aliases with another."""
+    if x.numel() == 0:  # MKL's FFTs refuse empty batches; an empty batch has nothing to correlate
+        return x.new_zeros(x.shape[1], 1, *kernel_size)
     sizes, lags = [], []
     for n, k, p in zip(x.shape[-2:], kernel_size, padding):
         size = fft_size(n + max(p, k - 1 - p))
