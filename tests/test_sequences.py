@@ -141,6 +141,17 @@ def test_depthwise_causal_fft_gradients_equal_the_direct_ones(length, taps):
     assert grads[0].shape == empty.shape and torch.equal(grads[1], torch.zeros_like(w))
 
 
+@pytest.mark.parametrize('batch', [0, 1, 5])
+def test_kernel_gradient_batch_sum_accumulated_or_fused(batch):
+    # the CPU accumulates the kernel gradient's batch sum in place; other devices take one fused product and sum
+    from dcls_timm.layers.flexconv import _batch_sum_of_products
+    torch.manual_seed(0)
+    a, b = torch.randn(batch, 3, 9, dtype=torch.complex128), torch.randn(batch, 3, 9, dtype=torch.complex128)
+    ref = torch.einsum('bcf,bcf->cf', a, b)
+    for accumulate in (None, True, False):
+        torch.testing.assert_close(_batch_sum_of_products(a, b, accumulate), ref, rtol=1e-12, atol=1e-12)
+
+
 def test_depthwise_causal_fft_without_autograd_is_bit_equal_and_leaves_its_inputs():
     # without autograd the spectrum product and the bias add run in place: same bits as the graph-building forward
     torch.manual_seed(0)

@@ -117,6 +117,18 @@ def _depthwise_causal_fft(x: torch.Tensor, weight: torch.Tensor, size: int
     return torch.fft.irfft(X * K, n=size)[..., :x.shape[-1]], X, K
 
 
+def _batch_sum_of_products(a: torch.Tensor, b: torch.Tensor, accumulate: Optional[bool] = None) -> torch.Tensor:
+    """``(a * b).sum(0)``. ``accumulate`` (default: on CPU) adds the products up sample by sample in place, so no
+    ``a``-sized product is materialised (2-3x faster on CPU than the product and sum, or an einsum, whose batched
+    matmul has 1x1 outputs); elsewhere one fused kernel beats a launch per sample."""
+    if not (a.device.type == 'cpu' if accumulate is None else accumulate):
+        return (a * b).sum(0)
+    out = a.new_zeros(a.shape[1:])
+    for i in range(a.shape[0]):
+        out.addcmul_(a[i], b[i])
+    return out
+
+
 class _DepthwiseCausalFFTConv(torch.autograd.Function):
     """Depthwise causal convolution ``[B, C, L] x [C, 1, n] -> [B, C, L]`` through FFTs of length ``size`` (at least
     ``L + n - 1``, so the circular convolution holds the linear one), with the backward written out: autograd's
@@ -144,11 +156,7 @@ class _DepthwiseCausalFFTConv(torch.autograd.Function):
         G = torch.fft.rfft(grad, n=size)
         grad_x = grad_w = None
         if ctx.needs_input_grad[1]:
-            # the batch sum accumulated sample by sample: no [B, C, F] product is materialised (2-3x faster than
-            # (G * X_conj).sum(0) or an einsum, whose batched matmul has 1x1 outputs)
-            spectrum = G.new_zeros(G.shape[1:])
-            for i in range(G.shape[0]):
-                spectrum.addcmul_(G[i], X_conj[i])
+            spectrum = _batch_sum_of_products(G, X_conj)
             grad_w = torch.fft.irfft(spectrum, n=size)[:, :taps].flip(-1).unsqueeze(1)
         if ctx.needs_input_grad[0]:  # last use of G: in place, one spectrum-sized tensor fewer
             grad_x = torch.fft.irfft(G.mul_(K.conj()), n=size)[..., :length]
