@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dcls_timm.layers import cpu_dropout, dropout
+from dcls_timm.layers.dropout import cpu_dropout, dropout
 from dcls_timm.models.flexnet import FlexNetBlock
 
 
@@ -52,3 +52,19 @@ def test_hooks_fx_and_mode_changes_see_the_module():
     with torch.no_grad():  # the graph follows eval(): no dropout
         torch.testing.assert_close(traced(y), block(y), rtol=1e-5, atol=1e-6)
         assert torch.equal(traced(y), traced(y))
+
+
+def test_backward_hooks_on_the_module_or_global_take_the_module_call():
+    # a full backward hook must fire as it does for nn.Dropout: the module is called when anything observes it
+    torch.manual_seed(0)
+    block = FlexNetBlock(4, 4, lambda i, o: nn.Conv2d(i, o, 3, padding=1)).train()
+    fired = []
+    handle = block.drop.register_full_backward_hook(lambda *args: fired.append('module'))
+    block(torch.randn(2, 4, 6, 6, requires_grad=True)).sum().backward()
+    handle.remove()
+    block.act1.inplace = block.act2.inplace = False  # a global full backward hook wraps them too (PyTorch: no inplace)
+    global_handle = nn.modules.module.register_module_full_backward_hook(
+        lambda m, *args: fired.append('global') if m is block.drop else None)
+    block(torch.randn(2, 4, 6, 6, requires_grad=True)).sum().backward()
+    global_handle.remove()
+    assert fired == ['module', 'global']

@@ -115,12 +115,13 @@ def test_fft_conv_matches_conv2d_and_rejects_what_it_cannot_do():
 
 
 @pytest.mark.parametrize('dim', [1, 2])
-def test_fft_path_takes_an_empty_batch(dim):
-    # MKL's FFTs refuse empty batches: the FFT path hands them to the direct convolution
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_fft_path_takes_an_empty_batch(dim, dtype):
+    # MKL's FFTs refuse empty batches: the FFT path hands them to the direct convolution, in the same dtypes
     conv = FlexConv(3, 3, 33, dim=dim, depthwise=True, fft='always', causal=dim == 1)
-    x = torch.randn(0, 3, *([20] * dim), requires_grad=True)
+    x = torch.randn(0, 3, *([20] * dim), dtype=dtype, requires_grad=True)
     out = conv(x)
-    assert out.shape == x.shape
+    assert out.shape == x.shape and out.dtype == dtype == conv(torch.randn(1, 3, *([20] * dim), dtype=dtype)).dtype
     out.sum().backward()
     assert x.grad.shape == x.shape and all(torch.equal(p.grad, torch.zeros_like(p)) for p in conv.parameters()
                                            if p.grad is not None)
@@ -240,3 +241,16 @@ def test_flexconv_recipe_groups_and_hooks():
         conv.mask_sigma.fill_(0.3)
     recipe.after_optimizer_step(model)
     assert conv.crop_half_widths() == (10, 10)
+
+
+@pytest.mark.parametrize('fft', ['never', 'always'])
+def test_float64_input_takes_either_path(fft):
+    # float32 parameters, float64 input: kernel and bias follow the input on the direct path as on the FFT one
+    torch.manual_seed(0)
+    conv = FlexConv(3, 3, 33, dim=1, depthwise=True, causal=True, fft=fft)
+    x = torch.randn(2, 3, 60, dtype=torch.float64)
+    with torch.no_grad():
+        out = conv(x)
+        ref = conv(x.float())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.float(), ref, rtol=1e-4, atol=1e-5)

@@ -260,3 +260,35 @@ def test_a_drop_path_in_training_mode_keeps_timms_forward(calls):
     with torch.inference_mode():
         model(torch.randn(1, 3, 32, 32))
     assert calls[0] == sum(TINY['depths']) - 1
+
+
+@pytest.mark.parametrize('name', ['flexnet_3', 'flexnet_7_conv3'])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_fused_features_keep_the_module_paths_memory_format(name, channels_last):
+    # plain Conv2d models keep the input's format (as F.conv2d does), FlexConv ones are channels-last either way
+    model = _with_batch_stats(timm.create_model(name, widths=(4, 4), num_classes=3))
+    x = torch.randn(2, 3, 12, 12)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fused_features = model.forward_features(x)
+        for m in model.modules():
+            if hasattr(m, 'fast_path'):
+                m.fast_path = False
+        ref = model.forward_features(x)
+    torch.testing.assert_close(fused_features, ref, rtol=1e-5, atol=1e-5)
+    assert fused_features.stride() == ref.stride()
+
+
+def test_residual_with_gelu_keeps_the_module_path(conv_calls):
+    # oneDNN runs no GELU after its binary (residual add) post-op: such a block takes its modules
+    conv, bn, x = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4).eval(), torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        assert use_fused_conv(x, nn.ReLU(), bn, residual=True) and use_fused_conv(x, nn.GELU(), bn)
+        assert not use_fused_conv(x, nn.GELU(), bn, residual=True)
+    model = _with_batch_stats(timm.create_model('flexnet_7_conv3', widths=(4, 4), num_classes=3))
+    for block in model.blocks:
+        block.act2 = nn.GELU()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 12, 12))
+    assert conv_calls[0] == 1 and torch.isfinite(out).all()  # the stem alone fused

@@ -340,3 +340,29 @@ def test_depthwise_causal_path_follows_autograd():
         direct = layer(x)
     assert layer.causal_taps() > 5
     torch.testing.assert_close(layer(x).detach(), direct, rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_causal_fft_higher_order_and_functorch_match_the_direct_convolution():
+    # double backward (gradient penalties, Hessian-vector products), torch.func transforms and forward-mode AD
+    # through the FFT path agree with the direct convolution (float64)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, 7, dtype=torch.float64, requires_grad=True)
+
+    def conv(fft):
+        return lambda x, w: causal_conv1d(x, w, None, groups=3, fft=fft)
+
+    assert torch.autograd.gradgradcheck(conv(True), (x, w))
+    for fn in (lambda f: torch.autograd.functional.hvp(lambda x: f(x, w).pow(3).sum(), x.detach(),
+                                                        torch.ones_like(x))[1],
+               lambda f: torch.func.grad(lambda x, w: f(x, w).pow(2).sum(), argnums=1)(x.detach(), w.detach()),
+               lambda f: torch.func.vmap(lambda x: f(x.unsqueeze(0), w.detach()))(x.detach()),
+               lambda f: torch.func.jacrev(lambda w: f(x.detach(), w).sum(-1), argnums=0)(w.detach()),
+               lambda f: torch.func.jvp(lambda w: f(x.detach(), w), (w.detach(),), (torch.ones_like(w),))[1]):
+        torch.testing.assert_close(fn(conv(True)), fn(conv(False)), rtol=1e-10, atol=1e-10)
+    # a gradient penalty trains the kernel through the FFT path as through the direct one
+    penalties = []
+    for fft in (True, False):
+        g = torch.autograd.grad(conv(fft)(x, w).square().sum(), x, create_graph=True)[0]
+        penalties.append(torch.autograd.grad(g.square().sum(), w)[0])
+    torch.testing.assert_close(penalties[0], penalties[1], rtol=1e-10, atol=1e-10)

@@ -3,7 +3,7 @@ from .dcls import (
     Dcls1d, Dcls2d, Dcls3d, DclsPositions, clamp_positions_, dcls_layers, position_owners, position_parameters,
     share_positions,
 )
-from .dropout import cpu_dropout, dropout
+from .dropout import cpu_dropout  # not its dropout(): that name stays the submodule, dcls_timm.layers.dropout
 from .kernel import DCLS_VERSIONS, construct_kernel, interpolation_profiles
 from .flexconv import (
     CKConv, FlexConv, SeparableFlexConv, anti_aliasing_loss, causal_conv1d, continuous_convs, fft_conv,

@@ -28,13 +28,20 @@ def cpu_dropout(x: torch.Tensor, p: float, inplace: bool = False) -> torch.Tenso
     return (x * keep).mul_(1. / (1. - p))
 
 
+def _observed(module: nn.Module) -> bool:
+    """Hooks on the module or global module hooks, forward or backward: a module call would run them."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or _module._global_forward_hooks
+                or _module._global_forward_pre_hooks or _module._global_backward_hooks
+                or _module._global_backward_pre_hooks)
+
+
 def dropout(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` for an ``nn.Dropout``, its mask from :func:`cpu_dropout` in eager CPU training where nothing
     could observe the module call (no hooks on it, no global module hooks); anything else calls the module (FX
-    tracing, jit tracing, compile, GPUs, evaluation, other module types)."""
+    tracing, jit tracing, compile, GPUs, evaluation, other module types, forward or backward hooks)."""
     if type(module) is nn.Dropout and module.training and 0. < module.p < 1. and not isinstance(x, torch.fx.Proxy) \
             and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and x.device.type == 'cpu' \
-            and x.is_floating_point() and not (module._forward_hooks or module._forward_pre_hooks) \
-            and not (_module._global_forward_hooks or _module._global_forward_pre_hooks):
+            and x.is_floating_point() and not _observed(module):
         return cpu_dropout(x, module.p, module.inplace)
     return module(x)

@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+import torch.autograd.forward_ad as forward_ad
 from timm.layers import register_notrace_module
 
 from .fast_conv import fft_size
@@ -55,9 +55,10 @@ def fft_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     ks, spatial = weight.shape[2:], x.shape[2:]
     if any(k % 2 == 0 for k in ks):
         raise ValueError('fft_conv needs odd kernel sizes.')
-    if x.numel() == 0:  # MKL's FFTs refuse empty batches; the direct convolution of nothing is free
-        return _CONV_FNS[nd](x, weight, bias, padding=[k // 2 for k in ks], groups=groups)
     dtype = torch.promote_types(x.dtype, torch.float32)
+    if x.numel() == 0:  # MKL's FFTs refuse empty batches; the direct convolution of nothing is free
+        return _CONV_FNS[nd](x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+                             padding=[k // 2 for k in ks], groups=groups).to(x.dtype)
     full = [fft_size(n + k - 1) for n, k in zip(spatial, ks)]  # longer than the linear convolution: no aliasing
     X = torch.fft.rfftn(x.to(dtype), s=full, dim=dims)
     K = torch.fft.rfftn(weight.to(dtype).flip(dims), s=full, dim=dims)  # correlation = convolution, flipped
@@ -87,9 +88,12 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if x.shape[1] != weight.shape[1] * groups:
         raise ValueError(f'causal_conv1d: the input has {x.shape[1]} channels, the kernel takes '
                          f'{weight.shape[1] * groups}.')
-    if not fft or x.numel() == 0:  # MKL's FFTs refuse empty batches; the direct convolution of nothing is free
+    if not fft:
         return F.conv1d(F.pad(x, (n - 1, 0)), weight, bias, groups=groups)
     dtype = torch.promote_types(x.dtype, torch.float32)
+    if x.numel() == 0:  # MKL's FFTs refuse empty batches; the direct convolution of nothing is free
+        return F.conv1d(F.pad(x.to(dtype), (n - 1, 0)), weight.to(dtype), None if bias is None else bias.to(dtype),
+                        groups=groups).to(x.dtype)
     full = fft_size(length + n - 1)  # e.g. 784 steps and 784 taps: 1600, not the prime 1567 (2-4x faster FFTs)
     if groups == weight.shape[0] and weight.shape[1] == 1:  # depthwise
         if torch.jit.is_scripting():  # autograd.Function is not scriptable: the same forward, autograd's backward
@@ -143,16 +147,22 @@ class _DepthwiseCausalFFTConv(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         y = torch.fft.irfft(X * K if need_w else X.mul_(K), n=size)[..., :x.shape[-1]]
         # the kernel gradient sums G * conj(X) over the batch: keep conj(X), made in place (a lazily conjugated
-        # operand would be copied whole in the backward)
-        ctx.save_for_backward(X.conj_physical_() if need_w else None, K if need_x else None)
+        # operand would be copied whole in the backward); x and weight (references) serve a double backward
+        ctx.save_for_backward(X.conj_physical_() if need_w else None, K if need_x else None, x, weight)
         ctx.lengths = (x.shape[-1], weight.shape[-1], size)
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        X_conj, K = ctx.saved_tensors
+        X_conj, K, x, weight = ctx.saved_tensors
         length, taps, size = ctx.lengths
+        if torch.is_grad_enabled():
+            # create_graph: the gradients must themselves be differentiable (gradient penalties, Hessian-vector
+            # products), so they come from autograd through the plain FFT ops, recomputed from the saved inputs
+            wanted = [t for t, need in zip((x, weight), ctx.needs_input_grad[:2]) if need]
+            grads = iter(torch.autograd.grad(_depthwise_causal_fft(x, weight, size)[0], wanted, grad,
+                                             create_graph=True))
+            return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:2]) + (None,)
         G = torch.fft.rfft(grad, n=size)
         grad_x = grad_w = None
         if ctx.needs_input_grad[1]:
@@ -163,9 +173,15 @@ class _DepthwiseCausalFFTConv(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+def _plain_ops_only() -> bool:
+    """torch.func transforms (grad, vmap, jacrev) and forward-mode AD: the custom Function has no vmap rule and no
+    jvp, so the plain ops (autograd's own rules) serve them."""
+    return torch._C._are_functorch_transforms_active() or getattr(forward_ad, '_current_level', -1) >= 0
+
+
 def _depthwise_causal_fft_conv(x: torch.Tensor, weight: torch.Tensor, size: int) -> torch.Tensor:
     # jit.trace cannot record a custom autograd.Function: traced graphs get the same forward, autograd's backward
-    if torch.jit.is_tracing():
+    if torch.jit.is_tracing() or _plain_ops_only():
         return _depthwise_causal_fft(x, weight, size)[0]
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _DepthwiseCausalFFTConv.apply(x, weight, size)
@@ -370,6 +386,12 @@ class _ContinuousConvNd(nn.Module):
             self.kernel_net.output.weight.mul_(math.sqrt(1. / fan_in))
             self.initialized.fill_(1)
 
+    def _in_dtype_of(self, x: torch.Tensor, kernel: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Kernel and bias in the input's dtype (autocast chooses its own), so every path takes any float input."""
+        if torch.is_autocast_enabled() or self.bias is None:
+            return (kernel if torch.is_autocast_enabled() else kernel.to(x.dtype)), self.bias
+        return kernel.to(x.dtype), self.bias.to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         length = x.shape[-1] if self.causal else None
         self._last_length = length
@@ -377,8 +399,8 @@ class _ContinuousConvNd(nn.Module):
         groups = self.in_channels if self.depthwise else 1
         if self.causal:
             kernel = self.causal_kernel(length)
-            return causal_conv1d(x, kernel.to(x.dtype) if not torch.is_autocast_enabled() else kernel, self.bias,
-                                 groups, fft=self._use_fft(kernel.shape[2:]))
+            kernel, bias = self._in_dtype_of(x, kernel)
+            return causal_conv1d(x, kernel, bias, groups, fft=self._use_fft(kernel.shape[2:]))
         kernel = self.construct_kernel()
         if self._use_fft(kernel.shape[2:]):
             return fft_conv(x, kernel, self.bias, groups)
@@ -386,8 +408,8 @@ class _ContinuousConvNd(nn.Module):
             # CPU convolutions (oneDNN) run 1.3-3x faster, forward and backward, on channels-last tensors; the
             # output stays channels-last, so the next layer pays no conversion
             x = x.contiguous(memory_format=torch.channels_last)
-        return _CONV_FNS[self.dim](x, kernel.to(x.dtype) if not torch.is_autocast_enabled() else kernel, self.bias,
-                                   padding=[s // 2 for s in kernel.shape[2:]], groups=groups)
+        kernel, bias = self._in_dtype_of(x, kernel)
+        return _CONV_FNS[self.dim](x, kernel, bias, padding=[s // 2 for s in kernel.shape[2:]], groups=groups)
 
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, dim={self.dim}, '

@@ -15,6 +15,7 @@ Folded weights are recomputed per call (a few thousand multiplies), so nothing d
 The operators are private, so they are checked once per process on small examples; if the check fails, callers keep
 their module path. :func:`eager_inference` says where a fast path may replace the module calls at all.
 """
+from functools import partial
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -24,7 +25,7 @@ from timm.layers import GELU as TimmGELU
 from torch.nn.modules import module as _module
 
 __all__ = ['fused_ops_available', 'eager_inference', 'use_fused_mlp', 'mlp_residual', 'fold_batch_norm',
-           'fused_activation', 'conv2d_args', 'use_fused_conv', 'fused_conv2d']
+           'fused_activation', 'conv2d_args', 'use_fused_conv', 'conv_channels_last', 'fused_conv2d']
 
 
 def _probe() -> bool:
@@ -33,10 +34,11 @@ def _probe() -> bool:
             or not hasattr(ops, '_convolution_pointwise'):
         return False
     g = torch.Generator().manual_seed(0)
-    x, w1, b1 = torch.randn(5, 8, generator=g), torch.randn(16, 8, generator=g), torch.randn(16, generator=g)
-    w2, b2, shortcut = torch.randn(8, 16, generator=g), torch.randn(8, generator=g), torch.randn(5, 8, generator=g)
-    img = torch.randn(2, 3, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
-    wc, bc = torch.randn(3, 3, 3, 3, generator=g), torch.randn(3, generator=g)
+    randn = partial(torch.randn, generator=g, dtype=torch.float32)  # float32 whatever the default dtype
+    x, w1, b1 = randn(5, 8), randn(16, 8), randn(16)
+    w2, b2, shortcut = randn(8, 16), randn(8), randn(5, 8)
+    img = randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    wc, bc = randn(3, 3, 3, 3), randn(3)
     try:
         with torch.no_grad():
             h = ops._linear_pointwise(x, w1, b1, 'gelu', [], 'none')
@@ -153,27 +155,42 @@ def conv2d_args(conv: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch.
     return args if args is not None and args[0].dtype == torch.float32 else None
 
 
-def use_fused_conv(x: torch.Tensor, act: nn.Module, bn: Optional[nn.Module] = None) -> bool:
-    """:func:`fused_conv2d` applies to float32 CPU 2-D inputs, a ReLU or exact GELU and, if given, a BatchNorm2d in
-    eval that uses running statistics (the caller checks :func:`eager_inference` and the convolution)."""
-    return (fused_activation(act) is not None and x.dim() == 4 and (bn is None or _eval_batch_norm(bn))
-            and _cpu_float32(x, *([bn.running_var] if bn is not None else [])))
+def use_fused_conv(x: torch.Tensor, act: nn.Module, bn: Optional[nn.Module] = None, residual: bool = False) -> bool:
+    """:func:`fused_conv2d` applies to float32 CPU 2-D inputs, a ReLU or exact GELU (a ReLU only with a residual
+    add: oneDNN has no GELU after its binary post-op) and, if given, a BatchNorm2d in eval that uses running
+    statistics (the caller checks :func:`eager_inference` and the convolution)."""
+    name = fused_activation(act)
+    return (name is not None and (name == 'relu' or not residual) and x.dim() == 4
+            and (bn is None or _eval_batch_norm(bn)) and _cpu_float32(x, *([bn.running_var] if bn is not None else [])))
+
+
+def conv_channels_last(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the module path's CPU output of ``conv`` on ``x`` is channels-last: always for CKConv/FlexConv
+    (they convert), for ``nn.Conv2d`` when the input (or weight) is channels-last and not also contiguous, as for
+    ``F.conv2d``."""
+    from .flexconv import _ContinuousConvNd
+    if isinstance(conv, _ContinuousConvNd):
+        return True
+    return any(t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+               for t in (x, conv.weight))
 
 
 def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Sequence[int],
                  act: nn.Module, bn: Optional[nn.modules.batchnorm._BatchNorm] = None,
-                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 residual: Optional[torch.Tensor] = None, channels_last: bool = True) -> torch.Tensor:
     """``act(bn(conv2d(x, weight, bias, padding)) [+ residual])`` as one oneDNN convolution (stride 1, groups 1),
-    channels-last; ``bn`` (optional) folded into the kernel and bias. Call only where :func:`use_fused_conv`
-    holds."""
+    computed and returned channels-last or contiguous (``channels_last``: pass :func:`conv_channels_last`, the
+    format the module path would return); ``bn`` (optional) folded into the kernel and bias. Call only where
+    :func:`use_fused_conv` holds (with ``residual=True`` for a residual)."""
     if bn is not None:
         weight, bias = fold_batch_norm(weight, bias, bn)
     name = fused_activation(act)
     algorithm = 'none' if name == 'gelu' else ''
-    x = x.contiguous(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=memory_format)
     if residual is None:
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(padding), [1, 1], [1, 1], 1, name, [],
                                                        algorithm)
     return torch.ops.mkldnn._convolution_pointwise.binary(
-        x, residual.contiguous(memory_format=torch.channels_last), weight, bias, list(padding), [1, 1], [1, 1], 1,
+        x, residual.contiguous(memory_format=memory_format), weight, bias, list(padding), [1, 1], [1, 1], 1,
         'add', None, name, [], algorithm)

@@ -13,7 +13,8 @@ from timm.layers import get_device_dtype, register_notrace_module
 from timm.models._features import feature_take_indices
 
 from dcls_timm.layers import SeparableFlexConv
-from dcls_timm.layers.fused import conv2d_args, eager_inference, fused_conv2d, use_fused_conv
+from dcls_timm.layers.fused import (
+    conv2d_args, conv_channels_last, eager_inference, fused_conv2d, use_fused_conv)
 
 __all__ = ['StemBlocksClassifier', 'ConvNormActStem', 'SequenceInput', 'SequenceHead', 'seeded_permutation']
 
@@ -37,10 +38,12 @@ class ConvNormActStem(nn.Sequential):
                 or not use_fused_conv(x, self[2], self[1]):
             return None
         separable = type(self[0]) is SeparableFlexConv
-        conv = conv2d_args(self[0].pointwise if separable else self[0])
+        module = self[0].pointwise if separable else self[0]
+        conv = conv2d_args(module)
         if conv is None:
             return None
-        return fused_conv2d(self[0].depthwise(x) if separable else x, *conv, self[2], self[1])
+        h = self[0].depthwise(x) if separable else x
+        return fused_conv2d(h, *conv, self[2], self[1], channels_last=conv_channels_last(module, h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():

@@ -23,7 +23,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from dcls_timm.layers import SeparableFlexConv
 from dcls_timm.layers.pointwise import PointwiseConv1d, pointwise_conv
-from dcls_timm.layers.fused import conv2d_args, eager_inference, fused_conv2d, use_fused_conv
+from dcls_timm.layers.fused import (
+    conv2d_args, conv_channels_last, eager_inference, fused_conv2d, use_fused_conv)
 
 from ._classifier_net import ConvNormActStem, SequenceHead, SequenceInput, StemBlocksClassifier
 
@@ -78,8 +79,8 @@ class CCNNBlock(nn.Module):
         pointwise, linear = conv2d_args(self.conv.pointwise), conv2d_args(self.linear)
         if pointwise is not None and linear is not None \
                 and use_fused_conv(h, self.act1) and use_fused_conv(h, self.act2):
-            y = fused_conv2d(h, *pointwise, self.act1)
-            return fused_conv2d(y, *linear, self.act2).add_(x)
+            y = fused_conv2d(h, *pointwise, self.act1, channels_last=conv_channels_last(self.conv.pointwise, h))
+            return fused_conv2d(y, *linear, self.act2, channels_last=conv_channels_last(self.linear, y)).add_(x)
         # elsewhere the same ops, the element-wise ones written into the tensors the convolutions just made: a fresh
         # activation-sized tensor faults its pages in on first touch, 3-7x the cost of GELU or the residual add on a
         # 2-core CPU

@@ -15,7 +15,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from dcls_timm.layers import FlexConv
 from dcls_timm.layers.dropout import dropout as fast_dropout
-from dcls_timm.layers.fused import conv2d_args, eager_inference, fused_conv2d, use_fused_conv
+from dcls_timm.layers.fused import (
+    conv2d_args, conv_channels_last, eager_inference, fused_conv2d, use_fused_conv)
 
 from ._classifier_net import ConvNormActStem, StemBlocksClassifier
 
@@ -50,13 +51,17 @@ class FlexNetBlock(nn.Module):
     def _fused_inference(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The block through two fused convolutions, or None where that path does not apply."""
         if not self.fast_path or not eager_inference(x, tuple(self.children())) \
-                or not (use_fused_conv(x, self.act1, self.bn1) and use_fused_conv(x, self.act2, self.bn2)):
+                or not (use_fused_conv(x, self.act1, self.bn1)
+                        and use_fused_conv(x, self.act2, self.bn2, residual=True)):
             return None
         conv1, conv2 = conv2d_args(self.conv1), conv2d_args(self.conv2)
         if conv1 is None or conv2 is None:
             return None
-        out = fused_conv2d(x, *conv1, self.act1, self.bn1)
-        return fused_conv2d(out, *conv2, self.act2, self.bn2, residual=self.shortcut(x))
+        out = fused_conv2d(x, *conv1, self.act1, self.bn1, channels_last=conv_channels_last(self.conv1, x))
+        shortcut = self.shortcut(x)
+        # the module path's sum takes the format of its first operand, the second conv's output
+        return fused_conv2d(out, *conv2, self.act2, self.bn2, residual=shortcut,
+                            channels_last=conv_channels_last(self.conv2, out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
