@@ -10,9 +10,16 @@ equal ``F.conv2d`` to float32 rounding.
 from typing import Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
-__all__ = ['depthwise_conv2d', 'use_fast_depthwise', 'fft_size']
+__all__ = ['depthwise_conv2d', 'use_fast_depthwise', 'fft_size', 'autograd_function_unsupported']
+
+
+def autograd_function_unsupported() -> bool:
+    """torch.func transforms (grad, vmap, jacrev, ...) or forward-mode AD are active: the custom autograd Functions
+    of these layers define no vmap rule and no jvp, so their plain-op equivalents must serve."""
+    return torch._C._are_functorch_transforms_active() or getattr(forward_ad, '_current_level', -1) >= 0
 
 
 def use_fast_depthwise(x: torch.Tensor, weight: torch.Tensor, stride: Tuple[int, int], groups: int) -> bool:
@@ -20,7 +27,7 @@ def use_fast_depthwise(x: torch.Tensor, weight: torch.Tensor, stride: Tuple[int,
     autocast (which would run its forward in lower precision and hand its backward mixed dtypes)."""
     if x.device.type != 'cpu' or x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
         return False
-    if torch.is_autocast_enabled('cpu'):
+    if torch.is_autocast_enabled('cpu') or autograd_function_unsupported():
         return False
     if x.dim() != 4 or tuple(stride) != (1, 1) or not (groups == x.shape[1] == weight.shape[0]) or weight.shape[1] != 1:
         return False

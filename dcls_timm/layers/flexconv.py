@@ -24,10 +24,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.autograd.forward_ad as forward_ad
 from timm.layers import register_notrace_module
 
-from .fast_conv import fft_size
+from .fast_conv import autograd_function_unsupported, fft_size
 from .magnet import MAGNet, coordinate_grid
 from .pointwise import pointwise_conv
 
@@ -173,15 +172,9 @@ class _DepthwiseCausalFFTConv(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
-def _plain_ops_only() -> bool:
-    """torch.func transforms (grad, vmap, jacrev) and forward-mode AD: the custom Function has no vmap rule and no
-    jvp, so the plain ops (autograd's own rules) serve them."""
-    return torch._C._are_functorch_transforms_active() or getattr(forward_ad, '_current_level', -1) >= 0
-
-
 def _depthwise_causal_fft_conv(x: torch.Tensor, weight: torch.Tensor, size: int) -> torch.Tensor:
     # jit.trace cannot record a custom autograd.Function: traced graphs get the same forward, autograd's backward
-    if torch.jit.is_tracing() or _plain_ops_only():
+    if torch.jit.is_tracing() or autograd_function_unsupported():
         return _depthwise_causal_fft(x, weight, size)[0]
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _DepthwiseCausalFFTConv.apply(x, weight, size)

@@ -19,9 +19,9 @@ import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .derived_cache import DerivedCache
+from .fast_conv import autograd_function_unsupported
 
 __all__ = ['DCLS_VERSIONS', 'SIG_OFFSET', 'SIG_INIT', 'GAUSS_RADIUS', 'construct_kernel', 'interpolation_profiles',
            'position_window']
@@ -121,6 +121,15 @@ def _cached_gauss_geometry(P: torch.Tensor, SIG: torch.Tensor, sizes: Sequence[i
     return geometry
 
 
+def _differentiable_grads(ctx, grad: torch.Tensor, inputs: Sequence[torch.Tensor], build) -> Tuple:
+    """A backward under ``create_graph`` (gradient penalties, Hessian-vector products): the gradients must be
+    differentiable themselves, so they come from autograd through ``build()``, the same kernel from plain ops."""
+    needs = ctx.needs_input_grad[:len(inputs)]
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    got = iter(torch.autograd.grad(build(), wanted, grad, create_graph=True, allow_unused=True))
+    return tuple(next(got) if need else None for need in needs)
+
+
 class _GaussKernel2d(torch.autograd.Function):
     """``kernel[o, i] = sum_k w'_k a_k (x) b_k`` with ``a``/``b`` the row/column Gaussian profiles, as one batched
     matmul; the backward recomputes the profiles instead of saving them (or reuses them from ``cache``, shared by
@@ -138,9 +147,11 @@ class _GaussKernel2d(torch.autograd.Function):
         return kernel.masked_fill_(kernel.abs() < _GAUSS_FLOOR, 0.)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         weight, P, SIG = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _differentiable_grads(ctx, grad, (weight, P, SIG), lambda: _plain_kernel(
+                weight, P, SIG, ctx.sizes, 'gauss', ctx.window)) + (None, None, None)
         grad = grad.to(weight.dtype)  # under autocast the kernel (so its gradient) may be in lower precision
         (r0, r1), (c0, c1) = ctx.window
         geo = _cached_gauss_geometry(P, SIG, ctx.sizes, ctx.cache)
@@ -230,10 +241,12 @@ class _BilinearKernel2d(torch.autograd.Function):
         return kernel.view(o, i, *geo.shape)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         weight, P = ctx.saved_tensors
         sizes, version, window, cache = ctx.args
+        if torch.is_grad_enabled():
+            return _differentiable_grads(ctx, grad, (weight, P), lambda: _plain_kernel(
+                weight, P, None, sizes, version, window)) + (None, None, None, None)
         grad = grad.to(weight.dtype)  # under autocast the kernel (so its gradient) may be in lower precision
         geo = _cached_geometry(P, sizes, window, version, cache)
         a, b = geo.rows, geo.cols
@@ -319,10 +332,18 @@ def construct_kernel(
         if len(window) != len(sizes) or any(not 0 <= a < b <= n for (a, b), n in zip(window, sizes)):
             raise ValueError(f'window must hold one (start, stop) with 0 <= start < stop <= size per axis of '
                              f'{sizes}, got {window}.')
-    if len(sizes) == 2 and version == 'gauss':
-        return _GaussKernel2d.apply(weight, P, SIG, sizes, window or tuple((0, n) for n in sizes), cache)
-    if len(sizes) == 2:
-        return _BilinearKernel2d.apply(weight, P, sizes, version, window or tuple((0, n) for n in sizes), cache)
+    if len(sizes) == 2 and not autograd_function_unsupported():
+        full = window or tuple((0, n) for n in sizes)
+        if version == 'gauss':
+            return _GaussKernel2d.apply(weight, P, SIG, sizes, full, cache)
+        return _BilinearKernel2d.apply(weight, P, sizes, version, full, cache)
+    return _plain_kernel(weight, P, SIG, sizes, version, window)
+
+
+def _plain_kernel(weight: torch.Tensor, P: torch.Tensor, SIG: Optional[torch.Tensor], sizes: Tuple[int, ...],
+                  version: str, window: Optional[Sequence[Tuple[int, int]]]) -> torch.Tensor:
+    """:func:`construct_kernel` from differentiable tensor ops (any number of dimensions): 1-D and 3-D kernels,
+    torch.func transforms and forward-mode AD, and the double backward of the 2-D custom Functions."""
     profiles = interpolation_profiles(P, SIG, sizes, version, window)
     if version != 'v0':
         # each element's map sums to 1; the sum of an outer product is the product of the 1-D sums
