@@ -67,3 +67,55 @@ def test_large_kernel_depthwise_conv_second_derivatives():
     x = torch.randn(1, 2, 9, 9, dtype=D, requires_grad=True)
     k = torch.randn(2, 1, 7, 7, dtype=D, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda x, k: depthwise_conv2d(x, k, None, (3, 3)), (x, k))
+
+
+def test_forward_ad_and_ensembles_bypass_the_eval_kernel_cache():
+    # a kept kernel has no tangent and one value: forward AD and vmapped parameters must rebuild it
+    import copy
+
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import stack_module_state
+    torch.manual_seed(0)
+    layer = Dcls2d(4, 4, kernel_count=5, dilated_kernel_size=9, padding='same', groups=4, version='v1').eval()
+    x = torch.randn(2, 4, 12, 12)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    tangent = torch.randn_like(layer.weight)
+    with torch.no_grad():
+        layer(x)  # fills the cache
+        with fwAD.dual_level():
+            out = functional_call(layer, {**params, 'weight': fwAD.make_dual(params['weight'], tangent)}, (x,))
+            directional = fwAD.unpack_dual(out).tangent
+        expected = functional_call(layer, {**params, 'weight': tangent, 'bias': torch.zeros_like(params['bias'])},
+                                   (x,))
+        assert directional is not None
+        torch.testing.assert_close(directional, expected, rtol=1e-5, atol=1e-5)
+        models = [Dcls2d(4, 4, kernel_count=5, dilated_kernel_size=9, padding='same', groups=4,
+                         version='gauss').eval() for _ in range(3)]
+        stacked, buffers = stack_module_state(models)
+        base = copy.deepcopy(models[0]).to('meta')
+        ensemble = vmap(lambda p, b: functional_call(base, (p, b), (x,)))(stacked, buffers)
+        torch.testing.assert_close(ensemble, torch.stack([m(x) for m in models]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('name, kwargs, shape', [('flexnet_3', {}, (2, 3, 12, 12)), ('ccnn_4_140', {}, (2, 3, 12, 12)),
+                                                 ('ccnn_4_140', dict(data_dim=1, in_chans=1), (2, 1, 50)),
+                                                 ('convnext_atto_dcls', {}, (2, 3, 32, 32))])
+def test_fused_inference_steps_aside_for_forward_ad_and_vmap(name, kwargs, shape):
+    # oneDNN's fused ops drop tangents silently and have no batching rule: evaluation under jvp/vmap takes the modules
+    import timm
+
+    import dcls_timm  # noqa: F401
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=3, **kwargs).eval()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        plain = model(x)  # CCNN's one-time kernel rescale happens at the first forward, outside the transforms
+        _, tangent = jvp(model, (x,), (torch.ones_like(x),))
+        batched = vmap(model)(x.unsqueeze(1)).squeeze(1)
+        for m in model.modules():
+            if hasattr(m, 'fast_path'):
+                m.fast_path = False
+        _, reference = jvp(model, (x,), (torch.ones_like(x),))
+    assert reference.abs().max() > 0
+    torch.testing.assert_close(tangent, reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batched, plain, rtol=1e-4, atol=1e-4)

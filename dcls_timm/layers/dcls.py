@@ -224,7 +224,10 @@ class _DclsNd(nn.Module):
         that can reach an ``n``-long input (``2n - 1`` taps). Exact for values and gradients."""
         owner = self.positions_owner()
         tensors = [t for t in (self.weight, owner.P, owner.SIG) if t is not None]
-        dynamic = not (torch.jit.is_tracing() or torch.compiler.is_compiling())  # host reads and Python state
+        # host reads and Python state: not while tracing or compiling, nor under torch.func transforms (batched
+        # positions have no single window)
+        dynamic = not (torch.jit.is_tracing() or torch.compiler.is_compiling()
+                       or torch._C._are_functorch_transforms_active())
         reuse = dynamic and not torch.is_grad_enabled()
         key = tuple(size)
         if reuse:

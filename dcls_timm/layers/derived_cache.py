@@ -13,6 +13,8 @@ from typing import Any, Hashable, Optional, Sequence
 
 import torch
 
+from .fast_conv import autograd_function_unsupported
+
 __all__ = ['DerivedCache']
 
 
@@ -22,7 +24,8 @@ def _full_key(key: Hashable) -> Hashable:
 
 
 def _cacheable(tensors: Sequence[torch.Tensor]) -> bool:
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    # torch.func transforms and forward AD: values may be batched or carry tangents that a kept value would lack
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or autograd_function_unsupported():
         return False
     return all(t.device.type == 'cpu' for t in tensors)
 

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from timm.layers import GELU as TimmGELU
 from torch.nn.modules import module as _module
 
+from .fast_conv import autograd_function_unsupported
+
 __all__ = ['fused_ops_available', 'eager_inference', 'use_fused_mlp', 'mlp_residual', 'fold_batch_norm',
            'fused_activation', 'conv2d_args', 'use_fused_conv', 'conv_channels_last', 'fused_conv2d']
 
@@ -72,10 +74,12 @@ def fused_ops_available() -> bool:
 def eager_inference(x: torch.Tensor, modules: Sequence[nn.Module]) -> bool:
     """Eager evaluation without autograd or autocast, with ``modules`` (and their submodules) all in eval mode and
     no forward hook that could see (or miss) them: the condition for a fast path that computes what those modules
-    compute without calling them. False under FX, tracing, compiling, autograd and autocast, while any of the modules
-    is in training mode (Monte Carlo dropout, drop path), and while any module hook, local or global, is set."""
+    compute without calling them. False under FX, tracing, compiling, autograd, forward-mode AD, torch.func transforms
+    and autocast, while any of the modules is in training mode (Monte Carlo dropout, drop path), and while any module
+    hook, local or global, is set."""
     if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling() \
-            or torch.is_grad_enabled() or torch.is_autocast_enabled() or torch.is_autocast_enabled('cpu'):
+            or torch.is_grad_enabled() or torch.is_autocast_enabled() or torch.is_autocast_enabled('cpu') \
+            or autograd_function_unsupported():  # oneDNN's fused ops carry no tangents and have no batching rule
         return False
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return False
