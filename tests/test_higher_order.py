@@ -119,3 +119,26 @@ def test_fused_inference_steps_aside_for_forward_ad_and_vmap(name, kwargs, shape
     assert reference.abs().max() > 0
     torch.testing.assert_close(tangent, reference, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(batched, plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('version', ['v1', 'gauss'])
+def test_every_mode_builds_the_same_kernel_on_a_narrow_window(version):
+    # the custom Function, its create_graph backward and the plain ops (forward AD, torch.func) agree even where
+    # the window cuts through the elements' taps (gauss: the whole kernel's restriction; v1: normalised on the window)
+    import torch.autograd.forward_ad as fwAD
+    from dcls_timm.layers.kernel import _plain_kernel
+    torch.manual_seed(0)
+    w = torch.randn(1, 1, 2, dtype=D, requires_grad=True)
+    P = torch.tensor([[[[0.31, -1.7]]], [[[0.62, 1.4]]]], dtype=D, requires_grad=True)
+    SIG = torch.full((2, 1, 1, 2), 0.3, dtype=D, requires_grad=True) if version == 'gauss' else None
+    window, g = [(3, 6), (3, 6)], torch.randn(1, 1, 3, 3, dtype=D)
+    kernel = construct_kernel(w, P, SIG, (9, 9), version, window=window)
+    torch.testing.assert_close(kernel, _plain_kernel(w, P, SIG, (9, 9), version, window), rtol=1e-10, atol=1e-12)
+    first, second = (torch.autograd.grad(construct_kernel(w, P, SIG, (9, 9), version, window=window), (w, P), g,
+                                         create_graph=cg) for cg in (False, True))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-12)
+    with fwAD.dual_level():
+        dual = construct_kernel(fwAD.make_dual(w.detach(), torch.ones_like(w)), P.detach(),
+                                None if SIG is None else SIG.detach(), (9, 9), version, window=window)
+        torch.testing.assert_close(fwAD.unpack_dual(dual).primal, kernel.detach(), rtol=1e-10, atol=1e-12)

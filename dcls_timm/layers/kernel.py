@@ -126,7 +126,9 @@ def _differentiable_grads(ctx, grad: torch.Tensor, inputs: Sequence[torch.Tensor
     differentiable themselves, so they come from autograd through ``build()``, the same kernel from plain ops."""
     needs = ctx.needs_input_grad[:len(inputs)]
     wanted = [t for t, need in zip(inputs, needs) if need]
-    got = iter(torch.autograd.grad(build(), wanted, grad, create_graph=True, allow_unused=True))
+    with torch.autocast(grad.device.type, enabled=False):  # in the parameters' precision, as the Function's forward
+        kernel = build()
+    got = iter(torch.autograd.grad(kernel, wanted, grad.to(kernel.dtype), create_graph=True, allow_unused=True))
     return tuple(next(got) if need else None for need in needs)
 
 
@@ -312,9 +314,9 @@ def construct_kernel(
         SIG: Gaussian widths for ``version='gauss'``, else ``None``.
         dilated_kernel_size: Dense kernel size per axis (any size, odd or even).
         version: ``'v0'``, ``'v1'`` or ``'gauss'``.
-        window: Optional ``(start, stop)`` taps per axis: build only that part of the kernel. Exact for ``v0``
-            (the kernel's restriction) and for ``v1``/``gauss`` when it holds every element's non-zero taps
-            (:func:`position_window`; they normalise over the window, which then holds their whole mass).
+        window: Optional ``(start, stop)`` taps per axis: build only that part of the kernel. ``v0`` and
+            ``gauss`` give the whole kernel's restriction (``gauss`` normalises over the whole grid); ``v1``
+            normalises over the window, exact when it holds every element's non-zero taps (:func:`position_window`).
         cache: Optional :class:`DerivedCache`, owned by whoever owns ``P``, in which 2-D construction keeps what
             depends on the positions (and widths) only, the tap geometry (``v0``/``v1``) or the Gaussian profiles,
             for the layers sharing them and for the backward pass.
@@ -344,13 +346,16 @@ def _plain_kernel(weight: torch.Tensor, P: torch.Tensor, SIG: Optional[torch.Ten
                   version: str, window: Optional[Sequence[Tuple[int, int]]]) -> torch.Tensor:
     """:func:`construct_kernel` from differentiable tensor ops (any number of dimensions): 1-D and 3-D kernels,
     torch.func transforms and forward-mode AD, and the double backward of the 2-D custom Functions."""
-    profiles = interpolation_profiles(P, SIG, sizes, version, window)
+    # gauss: normalised over the whole grid (its window is the restriction of the whole kernel); v1: over the window
+    profiles = interpolation_profiles(P, SIG, sizes, version, None if version == 'gauss' else window)
     if version != 'v0':
         # each element's map sums to 1; the sum of an outer product is the product of the 1-D sums
         mass = profiles[0].sum(-2)
         for prof in profiles[1:]:
             mass = mass * prof.sum(-2)
         weight = weight / (mass + _NORM_EPS)
+    if version == 'gauss' and window is not None:
+        profiles = [prof[..., a:b, :] for prof, (a, b) in zip(profiles, window)]
     first = profiles[0] * weight.unsqueeze(-2)  # [O, I, D0, K]
     if len(profiles) == 1:
         return first.sum(-1)
