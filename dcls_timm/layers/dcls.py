@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _ntuple
 
+from ._autograd import functorch_transforms_active
 from .fast_conv import depthwise_conv2d, use_fast_depthwise
 from .kernel import DCLS_VERSIONS, SIG_INIT, construct_kernel, position_window
 from .derived_cache import DerivedCache
@@ -227,7 +228,7 @@ class _DclsNd(nn.Module):
         # host reads and Python state: not while tracing or compiling, nor under torch.func transforms (batched
         # positions have no single window)
         dynamic = not (torch.jit.is_tracing() or torch.compiler.is_compiling()
-                       or torch._C._are_functorch_transforms_active())
+                       or functorch_transforms_active())
         reuse = dynamic and not torch.is_grad_enabled()
         key = tuple(size)
         if reuse:

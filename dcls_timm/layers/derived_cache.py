@@ -13,7 +13,7 @@ from typing import Any, Hashable, Optional, Sequence
 
 import torch
 
-from .fast_conv import autograd_function_unsupported
+from ._autograd import autograd_function_unsupported
 
 __all__ = ['DerivedCache']
 

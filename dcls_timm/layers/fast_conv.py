@@ -10,16 +10,11 @@ equal ``F.conv2d`` to float32 rounding.
 from typing import Optional, Tuple
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
-__all__ = ['depthwise_conv2d', 'use_fast_depthwise', 'fft_size', 'autograd_function_unsupported']
+from ._autograd import autograd_function_unsupported
 
-
-def autograd_function_unsupported() -> bool:
-    """torch.func transforms (grad, vmap, jacrev, ...) or forward-mode AD are active: the custom autograd Functions
-    of these layers define no vmap rule and no jvp, so their plain-op equivalents must serve."""
-    return torch._C._are_functorch_transforms_active() or getattr(forward_ad, '_current_level', -1) >= 0
+__all__ = ['depthwise_conv2d', 'use_fast_depthwise', 'fft_size']
 
 
 def use_fast_depthwise(x: torch.Tensor, weight: torch.Tensor, stride: Tuple[int, int], groups: int) -> bool:

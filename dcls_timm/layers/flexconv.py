@@ -26,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from .fast_conv import autograd_function_unsupported, fft_size
+from ._autograd import autograd_function_unsupported, differentiable_grads, functorch_transforms_active
+from .fast_conv import fft_size
 from .magnet import MAGNet, coordinate_grid
 from .pointwise import pointwise_conv
 
@@ -155,13 +156,9 @@ class _DepthwiseCausalFFTConv(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         X_conj, K, x, weight = ctx.saved_tensors
         length, taps, size = ctx.lengths
-        if torch.is_grad_enabled():
-            # create_graph: the gradients must themselves be differentiable (gradient penalties, Hessian-vector
-            # products), so they come from autograd through the plain FFT ops, recomputed from the saved inputs
-            wanted = [t for t, need in zip((x, weight), ctx.needs_input_grad[:2]) if need]
-            grads = iter(torch.autograd.grad(_depthwise_causal_fft(x, weight, size)[0], wanted, grad,
-                                             create_graph=True))
-            return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:2]) + (None,)
+        if torch.is_grad_enabled():  # create_graph: differentiable gradients, through the plain FFT ops
+            return differentiable_grads(ctx, grad, (x, weight), lambda: _depthwise_causal_fft(x, weight, size)[0]) \
+                + (None,)
         G = torch.fft.rfft(grad, n=size)
         grad_x = grad_w = None
         if ctx.needs_input_grad[1]:
@@ -353,10 +350,10 @@ class _ContinuousConvNd(nn.Module):
     def direct_kernel(self) -> Optional[torch.Tensor]:
         """The kernel a non-causal forward pass convolves with directly (centred, ``size // 2`` padding); None for a
         causal layer, one that takes the FFT path, or a CCNN init still pending."""
-        if self.causal or (self.initialized is not None and not bool(self.initialized)):
+        if self.causal or (self.initialized is not None and not bool(self.initialized)) \
+                or self._use_fft(self.kernel_sizes()):  # decided before building: FFT-sized kernels are built once
             return None
-        kernel = self.construct_kernel()
-        return None if self._use_fft(kernel.shape[2:]) else kernel
+        return self.construct_kernel()
 
     def _use_fft(self, sizes: Sequence[int], autograd: Optional[bool] = None) -> bool:
         """Whether a kernel of these sizes takes the FFT path; ``autograd`` (default: grad mode is on) matters for
@@ -381,9 +378,9 @@ class _ContinuousConvNd(nn.Module):
 
     def _in_dtype_of(self, x: torch.Tensor, kernel: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Kernel and bias in the input's dtype (autocast chooses its own), so every path takes any float input."""
-        if torch.is_autocast_enabled() or self.bias is None:
-            return (kernel if torch.is_autocast_enabled() else kernel.to(x.dtype)), self.bias
-        return kernel.to(x.dtype), self.bias.to(x.dtype)
+        if torch.is_autocast_enabled():
+            return kernel, self.bias
+        return kernel.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         length = x.shape[-1] if self.causal else None
@@ -397,7 +394,7 @@ class _ContinuousConvNd(nn.Module):
         kernel = self.construct_kernel()
         if self._use_fft(kernel.shape[2:]):
             return fft_conv(x, kernel, self.bias, groups)
-        if self.dim == 2 and x.device.type == 'cpu' and not torch._C._are_functorch_transforms_active():
+        if self.dim == 2 and x.device.type == 'cpu' and not functorch_transforms_active():
             # CPU convolutions (oneDNN) run 1.3-3x faster, forward and backward, on channels-last tensors; the
             # output stays channels-last, so the next layer pays no conversion (vmap cannot query the layout)
             x = x.contiguous(memory_format=torch.channels_last)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.layers import GELU as TimmGELU
 from torch.nn.modules import module as _module
 
-from .fast_conv import autograd_function_unsupported
+from ._autograd import autograd_function_unsupported
 
 __all__ = ['fused_ops_available', 'eager_inference', 'use_fused_mlp', 'mlp_residual', 'fold_batch_norm',
            'fused_activation', 'conv2d_args', 'use_fused_conv', 'conv_channels_last', 'fused_conv2d']

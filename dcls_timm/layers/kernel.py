@@ -21,7 +21,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from .derived_cache import DerivedCache
-from .fast_conv import autograd_function_unsupported
+from ._autograd import autograd_function_unsupported, differentiable_grads
 
 __all__ = ['DCLS_VERSIONS', 'SIG_OFFSET', 'SIG_INIT', 'GAUSS_RADIUS', 'construct_kernel', 'interpolation_profiles',
            'position_window']
@@ -121,17 +121,6 @@ def _cached_gauss_geometry(P: torch.Tensor, SIG: torch.Tensor, sizes: Sequence[i
     return geometry
 
 
-def _differentiable_grads(ctx, grad: torch.Tensor, inputs: Sequence[torch.Tensor], build) -> Tuple:
-    """A backward under ``create_graph`` (gradient penalties, Hessian-vector products): the gradients must be
-    differentiable themselves, so they come from autograd through ``build()``, the same kernel from plain ops."""
-    needs = ctx.needs_input_grad[:len(inputs)]
-    wanted = [t for t, need in zip(inputs, needs) if need]
-    with torch.autocast(grad.device.type, enabled=False):  # in the parameters' precision, as the Function's forward
-        kernel = build()
-    got = iter(torch.autograd.grad(kernel, wanted, grad.to(kernel.dtype), create_graph=True, allow_unused=True))
-    return tuple(next(got) if need else None for need in needs)
-
-
 class _GaussKernel2d(torch.autograd.Function):
     """``kernel[o, i] = sum_k w'_k a_k (x) b_k`` with ``a``/``b`` the row/column Gaussian profiles, as one batched
     matmul; the backward recomputes the profiles instead of saving them (or reuses them from ``cache``, shared by
@@ -152,7 +141,7 @@ class _GaussKernel2d(torch.autograd.Function):
     def backward(ctx, grad):
         weight, P, SIG = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return _differentiable_grads(ctx, grad, (weight, P, SIG), lambda: _plain_kernel(
+            return differentiable_grads(ctx, grad, (weight, P, SIG), lambda: _plain_kernel(
                 weight, P, SIG, ctx.sizes, 'gauss', ctx.window)) + (None, None, None)
         grad = grad.to(weight.dtype)  # under autocast the kernel (so its gradient) may be in lower precision
         (r0, r1), (c0, c1) = ctx.window
@@ -247,7 +236,7 @@ class _BilinearKernel2d(torch.autograd.Function):
         weight, P = ctx.saved_tensors
         sizes, version, window, cache = ctx.args
         if torch.is_grad_enabled():
-            return _differentiable_grads(ctx, grad, (weight, P), lambda: _plain_kernel(
+            return differentiable_grads(ctx, grad, (weight, P), lambda: _plain_kernel(
                 weight, P, None, sizes, version, window)) + (None, None, None, None)
         grad = grad.to(weight.dtype)  # under autocast the kernel (so its gradient) may be in lower precision
         geo = _cached_geometry(P, sizes, window, version, cache)
