@@ -48,6 +48,45 @@ def test_rectangular_kernels_and_uneven_padding(kernel, pad):
         torch.testing.assert_close(depthwise_conv2d(x, w, b, pad), ref[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('route', ['dft', 'fft'])
+@pytest.mark.parametrize('size, kernel, pad', [((7, 7), (23, 23), (11, 11)),   # kernel wider than twice the map
+                                               ((14, 14), (17, 17), (8, 8)),
+                                               ((6, 9), (9, 4), (2, 3)),        # uneven padding, even sizes
+                                               ((5, 8), (15, 9), (7, 1)),
+                                               ((1, 3), (9, 9), (4, 4))])
+def test_weight_gradient_routes_equal_conv2d_in_float64(route, size, kernel, pad, monkeypatch):
+    """Both weight-gradient routes (DFT matrix products for small maps, FFTs for large ones), forced in turn,
+    against autograd through ``F.conv2d`` in float64: taps that reach no input get exactly zero."""
+    from dcls_timm.layers import fast_conv
+    monkeypatch.setattr(fast_conv, 'DFT_MAX_PIXELS', 10 ** 9 if route == 'dft' else 0)
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, *size, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 1, *kernel, dtype=torch.float64)
+    out_size = [n + 2 * p - k + 1 for n, k, p in zip(size, kernel, pad)]
+    g = torch.randn(3, 4, *out_size, dtype=torch.float64)
+    ref = _grads(lambda x, w, b: F.conv2d(x, w, b, padding=pad, groups=4), x, w, torch.zeros(4, dtype=torch.float64), g)
+    fast = _grads(lambda x, w, b: depthwise_conv2d(x, w, b, pad), x, w, torch.zeros(4, dtype=torch.float64), g)
+    torch.testing.assert_close(fast[2], ref[2], rtol=1e-10, atol=1e-10)
+    unreachable = torch.ones(*kernel, dtype=torch.bool)
+    for axis, (n, p) in enumerate(zip(size, pad)):
+        lags = torch.arange(kernel[axis]) - p
+        reach = lags.abs() < n
+        unreachable &= ~reach[:, None] if axis == 0 else ~reach[None, :]
+    if unreachable.any():
+        assert (fast[2][:, 0][:, unreachable] == 0).all()
+
+
+def test_weight_gradient_routes_agree_in_float32(monkeypatch):
+    from dcls_timm.layers import fast_conv
+    torch.manual_seed(0)
+    x, g = torch.randn(2, 8, 14, 14), torch.randn(2, 8, 14, 14)
+    grads = []
+    for limit in (10 ** 9, 0):
+        monkeypatch.setattr(fast_conv, 'DFT_MAX_PIXELS', limit)
+        grads.append(fast_conv._weight_grad(x, g, (17, 17), (8, 8)))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5 * grads[1].abs().max().item())
+
+
 def test_float64_gradcheck():
     x = torch.randn(1, 2, 6, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, 1, 7, 7, dtype=torch.float64, requires_grad=True)
