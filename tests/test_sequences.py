@@ -366,3 +366,27 @@ def test_depthwise_causal_fft_higher_order_and_functorch_match_the_direct_convol
         g = torch.autograd.grad(conv(fft)(x, w).square().sum(), x, create_graph=True)[0]
         penalties.append(torch.autograd.grad(g.square().sum(), w)[0])
     torch.testing.assert_close(penalties[0], penalties[1], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('fft, groups', [(False, 4), (True, 4), (False, 1), (True, 1)])
+def test_input_affine_equals_the_affine_map_applied_first(fft, groups):
+    # input_affine = (scale, shift): written into the padded input without autograd, applied first with it;
+    # every route gives conv(x * scale + shift), gradients included
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 40, dtype=torch.float64)
+    w = torch.randn(4 if groups == 4 else 5, 4 // groups, 30, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(w.shape[0], dtype=torch.float64)
+    scale = torch.rand(4, dtype=torch.float64, requires_grad=True) + 0.5
+    shift = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    before = x.clone()
+    ref = causal_conv1d(x * scale.view(-1, 1) + shift.view(-1, 1), w, b, groups=groups, fft=fft)
+    with torch.no_grad():
+        torch.testing.assert_close(causal_conv1d(x, w, b, groups, fft, input_affine=(scale, shift)), ref.detach(),
+                                   rtol=1e-12, atol=1e-12)
+    assert torch.equal(x, before)
+    out = causal_conv1d(x, w, b, groups, fft, input_affine=(scale, shift))
+    g = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, (w, scale, shift), g), torch.autograd.grad(ref, (w, scale, shift), g)):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # an empty batch
+        assert causal_conv1d(x[:0], w, b, groups, fft, input_affine=(scale, shift)).shape == (0, w.shape[0], 40)

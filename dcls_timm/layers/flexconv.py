@@ -76,20 +76,54 @@ def fft_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     return y.to(x.dtype)
 
 
+def _writes_allowed(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+    """Eager, without autograd or function transforms, on a non-empty input: where writing into fresh tensors
+    (``out=``) is safe."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or x.numel() == 0:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or scale.requires_grad
+                                    or shift.requires_grad):
+        return False
+    return not autograd_function_unsupported()
+
+
+def _padded(x: torch.Tensor, left: int, right: int,
+            input_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """``F.pad(x * scale + shift, (left, right))`` with ``input_affine = (scale, shift)`` per channel: the affine
+    map is written straight into the padded tensor, so a BatchNorm before a convolution costs no pass of its own."""
+    if input_affine is None:
+        return F.pad(x, (left, right))
+    scale, shift = input_affine
+    length = x.shape[-1]
+    out = x.new_empty(list(x.shape[:-1]) + [left + length + right])
+    out[..., :left].zero_()
+    out[..., left + length:].zero_()
+    torch.addcmul(shift.to(x.dtype).view(-1, 1), x, scale.to(x.dtype).view(-1, 1), out=out[..., left:left + length])
+    return out
+
+
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, groups: int = 1,
-                  fft: bool = False) -> torch.Tensor:
+                  fft: bool = False, input_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                  ) -> torch.Tensor:
     """Causal 1-D convolution ``out[t] = sum_i weight[..., i] * x[t - (n - 1 - i)] (+ bias)``, n the kernel length.
 
     The last kernel tap is lag 0 (the input is padded with ``n - 1`` zeros on the left), so the output at step t
     never depends on later steps. ``fft=True`` computes the same through FFTs (float32 at least); supports
-    ``groups == 1`` and depthwise convolutions.
+    ``groups == 1`` and depthwise convolutions. ``input_affine = (scale, shift)`` (``[C_in]`` each) convolves
+    ``x * scale[:, None] + shift[:, None]`` instead, e.g. an eval BatchNorm before the convolution: without autograd
+    it is applied while the input is zero-padded, in the same pass.
     """
     n, length = weight.shape[-1], x.shape[-1]
     if x.shape[1] != weight.shape[1] * groups:
         raise ValueError(f'causal_conv1d: the input has {x.shape[1]} channels, the kernel takes '
                          f'{weight.shape[1] * groups}.')
+    if input_affine is not None:
+        # TorchScript compiles only this branch (no host-side checks in baked models)
+        if torch.jit.is_scripting() or not _writes_allowed(x, weight, input_affine[0], input_affine[1]):
+            x = torch.addcmul(input_affine[1].view(-1, 1), x, input_affine[0].view(-1, 1))
+            input_affine = None
     if not fft:
-        return F.conv1d(F.pad(x, (n - 1, 0)), weight, bias, groups=groups)
+        return F.conv1d(_padded(x, n - 1, 0, input_affine), weight, bias, groups=groups)
     dtype = torch.promote_types(x.dtype, torch.float32)
     if x.numel() == 0:  # MKL's FFTs refuse empty batches; the direct convolution of nothing is free
         return F.conv1d(F.pad(x.to(dtype), (n - 1, 0)), weight.to(dtype), None if bias is None else bias.to(dtype),
@@ -99,9 +133,9 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         if torch.jit.is_scripting():  # autograd.Function is not scriptable: the same forward, autograd's backward
             y = _depthwise_causal_fft(x.to(dtype), weight.to(dtype), full)[0]
         else:
-            y = _depthwise_causal_fft_conv(x.to(dtype), weight.to(dtype), full)
+            y = _depthwise_causal_fft_conv(x.to(dtype), weight.to(dtype), full, input_affine)
     elif groups == 1:
-        X = torch.fft.rfft(x.to(dtype), n=full)
+        X = torch.fft.rfft(_padded(x.to(dtype), 0, full - length, input_affine))
         K = torch.fft.rfft(weight.to(dtype).flip(-1), n=full)  # correlation with w = convolution with w flipped
         y = torch.fft.irfft(torch.einsum('bil,oil->bol', X, K), n=full)[..., :length]
     else:
@@ -169,14 +203,17 @@ class _DepthwiseCausalFFTConv(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
-def _depthwise_causal_fft_conv(x: torch.Tensor, weight: torch.Tensor, size: int) -> torch.Tensor:
+def _depthwise_causal_fft_conv(x: torch.Tensor, weight: torch.Tensor, size: int,
+                               input_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    # input_affine only comes here where causal_conv1d found writes allowed: the no-autograd branch below
     # jit.trace cannot record a custom autograd.Function: traced graphs get the same forward, autograd's backward
     if torch.jit.is_tracing() or autograd_function_unsupported():
         return _depthwise_causal_fft(x, weight, size)[0]
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _DepthwiseCausalFFTConv.apply(x, weight, size)
     # nothing to save for a backward: the kernel's spectrum multiplies the input's in place (bit-equal)
-    X = torch.fft.rfft(x, n=size)
+    X = torch.fft.rfft(x, n=size) if input_affine is None else torch.fft.rfft(_padded(x, 0, size - x.shape[-1],
+                                                                                      input_affine))
     X.mul_(torch.fft.rfft(weight[:, 0].flip(-1), n=size))
     return torch.fft.irfft(X, n=size)[..., :x.shape[-1]]
 
@@ -382,7 +419,10 @@ class _ContinuousConvNd(nn.Module):
             return kernel, self.bias
         return kernel.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                ) -> torch.Tensor:
+        """Convolve ``x``, or with ``input_affine = (scale, shift)`` (``[C_in]`` each, e.g. an eval BatchNorm's)
+        ``x * scale + shift`` per channel: causal layers apply it while padding their input (no pass of its own)."""
         length = x.shape[-1] if self.causal else None
         self._last_length = length
         self._finish_init(length)
@@ -390,7 +430,11 @@ class _ContinuousConvNd(nn.Module):
         if self.causal:
             kernel = self.causal_kernel(length)
             kernel, bias = self._in_dtype_of(x, kernel)
-            return causal_conv1d(x, kernel, bias, groups, fft=self._use_fft(kernel.shape[2:]))
+            return causal_conv1d(x, kernel, bias, groups, fft=self._use_fft(kernel.shape[2:]),
+                                 input_affine=input_affine)
+        if input_affine is not None:
+            scale, shift = input_affine
+            x = torch.addcmul(shift.view(-1, *([1] * self.dim)), x, scale.view(-1, *([1] * self.dim)))
         kernel = self.construct_kernel()
         if self._use_fft(kernel.shape[2:]):
             return fft_conv(x, kernel, self.bias, groups)

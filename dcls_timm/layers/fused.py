@@ -27,7 +27,7 @@ from torch.nn.modules import module as _module
 from ._autograd import autograd_function_unsupported
 
 __all__ = ['fused_ops_available', 'eager_inference', 'use_fused_mlp', 'mlp_residual', 'fold_batch_norm',
-           'fused_activation', 'conv2d_args', 'use_fused_conv', 'conv_channels_last', 'fused_conv2d']
+           'batch_norm_affine', 'eval_batch_norm', 'fused_activation', 'conv2d_args', 'use_fused_conv', 'conv_channels_last', 'fused_conv2d']
 
 
 def _probe() -> bool:
@@ -120,20 +120,29 @@ def mlp_residual(x: torch.Tensor, shortcut: torch.Tensor, fc1: nn.Linear, fc2: n
     return out.view(*lead, out.shape[-1])
 
 
-def fold_batch_norm(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.modules.batchnorm._BatchNorm):
-    """Kernel and bias of ``bn(conv(x))`` as one convolution, from the eval BatchNorm's running statistics."""
+def batch_norm_affine(bn: nn.modules.batchnorm._BatchNorm, bias: Optional[torch.Tensor] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` with ``bn(x + bias) == x * scale + shift`` per channel, from the eval BatchNorm's running
+    statistics."""
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight
     shift = -bn.running_mean * scale if bias is None else (bias - bn.running_mean) * scale
     if bn.bias is not None:
         shift = shift + bn.bias
+    return scale, shift
+
+
+def fold_batch_norm(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.modules.batchnorm._BatchNorm):
+    """Kernel and bias of ``bn(conv(x))`` as one convolution, from the eval BatchNorm's running statistics."""
+    scale, shift = batch_norm_affine(bn, bias)
     return weight * scale.view(-1, *([1] * (weight.dim() - 1))), shift
 
 
-def _eval_batch_norm(bn: nn.Module) -> bool:
-    return (type(bn) is nn.BatchNorm2d and not bn.training and bn.track_running_stats
-            and bn.running_mean is not None)
+def eval_batch_norm(bn: nn.Module, dim: int = 2) -> bool:
+    """``bn`` is a plain ``BatchNorm{dim}d`` in eval mode with running statistics: an affine map per channel."""
+    return (type(bn) is {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}.get(dim) and not bn.training
+            and bn.track_running_stats and bn.running_mean is not None)
 
 
 def fused_activation(act: nn.Module) -> Optional[str]:
@@ -165,7 +174,7 @@ def use_fused_conv(x: torch.Tensor, act: nn.Module, bn: Optional[nn.Module] = No
     statistics (the caller checks :func:`eager_inference` and the convolution)."""
     name = fused_activation(act)
     return (name is not None and (name == 'relu' or not residual) and x.dim() == 4
-            and (bn is None or _eval_batch_norm(bn)) and _cpu_float32(x, *([bn.running_var] if bn is not None else [])))
+            and (bn is None or eval_batch_norm(bn)) and _cpu_float32(x, *([bn.running_var] if bn is not None else [])))
 
 
 def conv_channels_last(conv: nn.Module, x: torch.Tensor) -> bool:

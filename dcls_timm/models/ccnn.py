@@ -24,7 +24,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from dcls_timm.layers import SeparableFlexConv
 from dcls_timm.layers.pointwise import PointwiseConv1d, pointwise_conv
 from dcls_timm.layers.fused import (
-    conv2d_args, conv_channels_last, eager_inference, fused_conv2d, use_fused_conv)
+    batch_norm_affine, conv2d_args, conv_channels_last, eager_inference, eval_batch_norm, fused_conv2d, use_fused_conv)
 
 from ._classifier_net import ConvNormActStem, SequenceHead, SequenceInput, StemBlocksClassifier
 
@@ -47,7 +47,8 @@ class CCNNBlock(nn.Module):
 
     Eager no-grad evaluation skips the module calls after the depthwise convolution: in 2-D (float32, CPU) both 1x1
     convolutions run with their GELU inside one oneDNN call (:func:`dcls_timm.layers.fused.fused_conv2d`, float32
-    rounding); elsewhere the GELUs and the residual add are written in place (bit-equal). Hooks, FX, tracing,
+    rounding); elsewhere the GELUs and the residual add are written in place. In 1-D the eval BatchNorm is applied
+    while the causal convolution pads its input (float32 rounding: ``x * scale + shift`` in one step). Hooks, FX, tracing,
     scripting, training and autograd keep the module path, as does ``fast_path = False``.
     """
     fast_path: bool = True
@@ -75,7 +76,12 @@ class CCNNBlock(nn.Module):
     @torch.jit.unused
     def _fused_inference(self, x: torch.Tensor) -> torch.Tensor:
         # dropout is the identity in eval; 2-D float32 on CPU: each 1x1 conv runs with its GELU inside (oneDNN)
-        h = self.conv.depthwise(self.norm(x))
+        depthwise = self.conv.depthwise
+        if depthwise.causal and eval_batch_norm(self.norm, 1):
+            # sequences: the BatchNorm's affine map is written straight into the causal conv's zero-padded input
+            h = depthwise(x, input_affine=batch_norm_affine(self.norm))
+        else:
+            h = depthwise(self.norm(x))
         pointwise, linear = conv2d_args(self.conv.pointwise), conv2d_args(self.linear)
         if pointwise is not None and linear is not None \
                 and use_fused_conv(h, self.act1) and use_fused_conv(h, self.act2):
