@@ -4,10 +4,12 @@
 
 Compares the separable construction of dcls_timm with the dcls package's ConstructKernel2d on the same
 parameters (one training step's worth of kernel construction, no convolution), and the CPU fast depthwise path
-(channels-last forward and input gradient, FFT weight gradient, kernels cropped to the map) with F.conv2d.
+(channels-last forward and input gradient, weight gradient through FFTs or, on small maps, DFT matrix products,
+kernels cropped to the map) with F.conv2d.
 
     python scripts/benchmark_kernels.py --model convnext_tiny_dcls --repeats 5
     python scripts/benchmark_kernels.py --conv --repeats 5
+    python scripts/benchmark_kernels.py --conv --kernel 23 --repeats 5   # the gauss models' 23x23 grid
     python scripts/benchmark_kernels.py --widths --repeats 7      # oneDNN depthwise speed by kernel width
     python scripts/benchmark_kernels.py --pointwise --repeats 7   # 1x1 convs over sequences (CCNN 1-D)
 """
@@ -85,8 +87,10 @@ def _conv_table(repeats: int, batch: int = 8, kernel: int = 17) -> dict:
     """Forward + backward of one depthwise conv per ConvNeXt-T stage shape, summed over the 18 blocks; ConvNeXt-T's
     own 7x7 conv (contiguous tensors, as timm runs it) for reference."""
     import torch.nn.functional as F
+    from dcls_timm.layers import fast_conv
     from dcls_timm.layers.fast_conv import depthwise_conv2d
-    rows, totals = [], {'F.conv2d': 0., 'fast path': 0., 'F.conv2d 7x7': 0.}
+    rows, totals = [], {'F.conv2d': 0., 'fast path': 0., 'fast path, FFT weight gradient': 0., 'F.conv2d 7x7': 0.}
+    dft_max_pixels = fast_conv.DFT_MAX_PIXELS
     for channels, size, blocks in [(96, 56, 3), (192, 28, 3), (384, 14, 9), (768, 7, 3)]:
         x = torch.randn(batch, channels, size, size, requires_grad=True)
         w = torch.randn(channels, 1, kernel, kernel, requires_grad=True)
@@ -101,10 +105,18 @@ def _conv_table(repeats: int, batch: int = 8, kernel: int = 17) -> dict:
             k = w[..., kernel // 2 - r:kernel // 2 + r + 1, kernel // 2 - r:kernel // 2 + r + 1]
             depthwise_conv2d(x, k, None, (r, r)).backward(g)
 
+        def fft_only():  # the weight gradient through FFTs on every map (no DFT matrix products on small ones)
+            fast_conv.DFT_MAX_PIXELS = 0
+            try:
+                fast()
+            finally:
+                fast_conv.DFT_MAX_PIXELS = dft_max_pixels
+
         def seven():
             F.conv2d(x, w7, None, 1, 3, 1, channels).backward(g)
         row = {'channels': channels, 'size': size}
-        for name, fn in [('F.conv2d', native), ('fast path', fast), ('F.conv2d 7x7', seven)]:
+        for name, fn in [('F.conv2d', native), ('fast path', fast), ('fast path, FFT weight gradient', fft_only),
+                         ('F.conv2d 7x7', seven)]:
             row[name] = statistics.median(_measure(fn, repeats))
             totals[name] += blocks * row[name]
         rows.append(row)
@@ -164,6 +176,7 @@ def main():
     parser.add_argument('--no-dcls', action='store_true', help='skip the dcls-package comparison')
     parser.add_argument('--json', default='', help='write the results to this JSON file')
     parser.add_argument('--conv', action='store_true', help='benchmark the depthwise conv instead (ConvNeXt-T shapes)')
+    parser.add_argument('--kernel', type=int, default=17, help='kernel size of --conv (23: the gauss models)')
     parser.add_argument('--widths', action='store_true',
                         help='depthwise conv inference by kernel shape (oneDNN is slow at widths 11-13)')
     parser.add_argument('--pointwise', action='store_true',
@@ -184,12 +197,14 @@ def main():
                      table['rows'],
                      lambda r: [r['kernel'], f"{1e3 * r['F.conv2d']:.1f}", f"{1e3 * r['fast path']:.1f}"])
     elif args.conv:
-        table = _conv_table(args.repeats)
+        table = _conv_table(args.repeats, kernel=args.kernel)
         total = dict(table['total_18_blocks'], label='sum over the 18 blocks')
         rows = [dict(r, label=f"{r['channels']}, {r['size']}") for r in table['rows']] + [total]
-        _print_table(f"17x17 depthwise conv, forward + backward, batch {table['batch']}, {threads}",
-                     ['stage shape (C, H=W)', 'F.conv2d ms', 'fast path ms', 'ConvNeXt-T 7x7 F.conv2d ms'], rows,
-                     lambda r: [r['label']] + [f'{1e3 * r[k]:.0f}' for k in ('F.conv2d', 'fast path', 'F.conv2d 7x7')])
+        columns = ('F.conv2d', 'fast path', 'fast path, FFT weight gradient', 'F.conv2d 7x7')
+        _print_table(f"{args.kernel}x{args.kernel} depthwise conv, forward + backward, batch {table['batch']}, {threads}",
+                     ['stage shape (C, H=W)', 'F.conv2d ms', 'fast path ms', 'fast path, FFT weight gradient ms',
+                      'ConvNeXt-T 7x7 F.conv2d ms'], rows,
+                     lambda r: [r['label']] + [f'{1e3 * r[k]:.0f}' for k in columns])
     if args.widths or args.conv or args.pointwise:
         if args.json:
             with open(args.json, 'w') as f:
