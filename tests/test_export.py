@@ -72,6 +72,8 @@ def test_baked_model_scripts_and_exports(name, size, tmp_path):
     assert not any(isinstance(m, (_DclsNd, _ContinuousConvNd, DclsPositions)) for m in baked.modules())
     ref = model(x)
     torch.testing.assert_close(baked(x), ref, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # the fused / in-place inference paths, with the baked convs
+        torch.testing.assert_close(baked(x), ref, rtol=1e-5, atol=1e-5)
     scripted = torch.jit.script(baked)
     torch.testing.assert_close(scripted(x), ref, rtol=1e-5, atol=1e-5)
     onnx = pytest.importorskip('onnx')

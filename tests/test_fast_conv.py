@@ -53,7 +53,12 @@ def test_rectangular_kernels_and_uneven_padding(kernel, pad):
                                                ((14, 14), (17, 17), (8, 8)),
                                                ((6, 9), (9, 4), (2, 3)),        # uneven padding, even sizes
                                                ((5, 8), (15, 9), (7, 1)),
-                                               ((1, 3), (9, 9), (4, 4))])
+                                               ((1, 3), (9, 9), (4, 4)),
+                                               # padding past half the kernel: outputs outnumber inputs
+                                               ((5, 5), (7, 7), (6, 6)),
+                                               ((4, 9), (7, 7), (5, 3)),
+                                               ((7, 7), (15, 15), (14, 14)),
+                                               ((6, 3), (9, 5), (8, 4))])
 def test_weight_gradient_routes_equal_conv2d_in_float64(route, size, kernel, pad, monkeypatch):
     """Both weight-gradient routes (DFT matrix products for small maps, FFTs for large ones), forced in turn,
     against autograd through ``F.conv2d`` in float64: taps that reach no input get exactly zero."""
@@ -68,9 +73,9 @@ def test_weight_gradient_routes_equal_conv2d_in_float64(route, size, kernel, pad
     fast = _grads(lambda x, w, b: depthwise_conv2d(x, w, b, pad), x, w, torch.zeros(4, dtype=torch.float64), g)
     torch.testing.assert_close(fast[2], ref[2], rtol=1e-10, atol=1e-10)
     unreachable = torch.ones(*kernel, dtype=torch.bool)
-    for axis, (n, p) in enumerate(zip(size, pad)):
-        lags = torch.arange(kernel[axis]) - p
-        reach = lags.abs() < n
+    for axis, (n, p, m) in enumerate(zip(size, pad, out_size)):
+        lags = torch.arange(kernel[axis]) - p  # grad[l] = sum_y g[y] x[y + l], y < m outputs, 0 <= y + l < n
+        reach = (lags > -m) & (lags < n)
         unreachable &= ~reach[:, None] if axis == 0 else ~reach[None, :]
     if unreachable.any():
         assert (fast[2][:, 0][:, unreachable] == 0).all()
@@ -136,6 +141,28 @@ def test_dcls_layer_fast_path_and_cropping_are_exact(size, positions, version):
     for a, r in zip(run(True), run(False)):
         # relative to the tensor's scale: FFT rounding error is spread evenly over the entries
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
+
+
+@pytest.mark.parametrize('padding, size', [(8, 6), (6, 5), ((8, 2), 7)])
+def test_dcls_layer_with_wide_padding_is_exact(padding, size):
+    """Padding past half the grid (outputs larger than the input): the fast path's weight gradient needs the lags
+    that only the extra outputs reach."""
+    torch.manual_seed(0)
+    layer = Dcls2d(4, 4, kernel_count=9, dilated_kernel_size=9, padding=padding, groups=4).double()
+    with torch.no_grad():
+        layer.P.uniform_(-4, 4)
+    x = torch.randn(2, 4, size, size + 1, dtype=torch.float64)
+    pad = (padding, padding) if isinstance(padding, int) else padding
+
+    def run(fast):
+        layer.fast_path = fast
+        layer.zero_grad()
+        xx = x.clone().requires_grad_()
+        out = layer(xx) if fast else F.conv2d(xx, layer.construct_kernel(), layer.bias, padding=pad, groups=4)
+        out.square().sum().backward()
+        return [out.detach(), xx.grad, layer.weight.grad.clone(), layer.P.grad.clone(), layer.bias.grad.clone()]
+    for a, r in zip(run(True), run(False)):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10 * r.abs().max().item())
 
 
 def test_kernel_window_is_the_restriction_of_the_whole_kernel():

@@ -90,6 +90,8 @@ def test_bake_sequence_models_at_a_length(name, kwargs):
     assert not kernel_net_convs(baked) and any(isinstance(m, CausalConv1d) for m in baked.modules())
     ref = model(x)
     torch.testing.assert_close(baked(x), ref, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # the blocks' no-grad inference path, with the baked depthwise convs
+        torch.testing.assert_close(baked(x), ref, rtol=1e-5, atol=1e-5)
     scripted = torch.jit.script(baked)
     torch.testing.assert_close(scripted(x), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(Exception, match='baked for sequences of length 64'):

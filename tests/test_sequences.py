@@ -390,3 +390,23 @@ def test_input_affine_equals_the_affine_map_applied_first(fft, groups):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
     with torch.no_grad():  # an empty batch
         assert causal_conv1d(x[:0], w, b, groups, fft, input_affine=(scale, shift)).shape == (0, w.shape[0], 40)
+
+
+@pytest.mark.parametrize('fft', [False, True])
+def test_input_affine_keeps_the_input_dtype_on_every_route(fft):
+    # a float32 (scale, shift) with a bfloat16 input: written into the padded input, or applied first (autograd,
+    # empty batch), the affine map is taken in the input's dtype and every route returns it
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 4, 20).bfloat16(), torch.randn(4, 1, 8).bfloat16()
+    scale, shift = torch.rand(4) + 0.5, torch.randn(4)
+    with torch.no_grad():
+        padded = causal_conv1d(x, w, None, 4, fft, input_affine=(scale, shift))
+        empty = causal_conv1d(x[:0], w, None, 4, fft, input_affine=(scale, shift))
+    first = causal_conv1d(x, w, None, 4, fft, input_affine=(scale.requires_grad_(), shift))
+    assert padded.dtype == empty.dtype == first.dtype == torch.bfloat16
+    # the FFT route computes in float32 (the padded affine too), the applied-first one rounds x * scale + shift to
+    # bfloat16 first: both are one bfloat16 rounding from the float64 result
+    ref = causal_conv1d(x.double() * scale.detach().double().view(-1, 1) + shift.double().view(-1, 1), w.double(),
+                        None, 4)
+    for out in (padded, first.detach()):
+        torch.testing.assert_close(out.double(), ref, rtol=0.05, atol=0.1)

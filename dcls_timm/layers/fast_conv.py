@@ -60,10 +60,18 @@ def fft_size(n: int) -> int:
 
 
 def _weight_grad_lags(n: int, k: int, p: int) -> Tuple[int, int]:
-    """The lags ``l = tap - p`` of the weight gradient along an axis of ``n`` samples that can be non-zero: taps
-    whose offset reaches no input sample (|l| >= n, e.g. a 23-tap kernel over a 7-wide map) have an exactly zero
+    """The lags ``l = tap - p`` of the weight gradient along an axis of ``n`` input samples that can be non-zero:
+    ``grad[l] = sum_y g[y] * x[y + l]`` over the ``n + 2p - k + 1`` outputs ``y`` needs some ``0 <= y + l < n``.
+    Taps outside (e.g. beyond 13 of a 23-tap kernel over a 7-wide map with 'same' padding) have an exactly zero
     gradient and are not computed."""
-    return max(-p, -(n - 1)), min(k - 1 - p, n - 1)
+    return max(-p, -(n + 2 * p - k)), min(k - 1 - p, n - 1)
+
+
+def _transform_size(n: int, out: int, lags: Tuple[int, int]) -> int:
+    """Shortest circular correlation of ``n`` inputs with ``out`` output gradients in which no wanted lag aliases
+    with another non-zero one (those lie in ``[1 - out, n - 1]``)."""
+    lo, hi = lags
+    return max(n - lo, hi + out)
 
 
 def _dft_matrix(n: int, lags: torch.Tensor, size: int, sign: float, dtype: torch.dtype) -> torch.Tensor:
@@ -87,7 +95,7 @@ def _correlation_spectra(x: torch.Tensor, sizes: Tuple[int, int], complex_dtype:
 def _dft_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, lags: Sequence[Tuple[int, int]]) -> torch.Tensor:
     """The weight gradient at ``lags`` (inclusive ranges per axis) through DFTs written as matrix products."""
     (lo_h, hi_h), (lo_w, hi_w) = lags
-    sizes = (x.shape[-2] + max(-lo_h, hi_h), x.shape[-1] + max(-lo_w, hi_w))  # no alias among the wanted lags
+    sizes = tuple(_transform_size(n, m, lag) for n, m, lag in zip(x.shape[-2:], grad_out.shape[-2:], lags))
     nh, nw = sizes
     fw = nw // 2 + 1
     cdtype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
@@ -110,8 +118,8 @@ def _dft_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, lags: Sequence[Tup
 def _fft_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, lags: Sequence[Tuple[int, int]]) -> torch.Tensor:
     """The weight gradient at ``lags`` (inclusive ranges per axis) through FFTs."""
     sizes, index = [], []
-    for n, (lo, hi) in zip(x.shape[-2:], lags):
-        size = fft_size(n + max(-lo, hi))
+    for n, m, (lo, hi) in zip(x.shape[-2:], grad_out.shape[-2:], lags):
+        size = fft_size(_transform_size(n, m, (lo, hi)))
         sizes.append(size)
         index.append(torch.arange(lo, hi + 1, device=x.device) % size)
     X = torch.fft.rfft2(x.contiguous(), s=sizes)

@@ -120,7 +120,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if input_affine is not None:
         # TorchScript compiles only this branch (no host-side checks in baked models)
         if torch.jit.is_scripting() or not _writes_allowed(x, weight, input_affine[0], input_affine[1]):
-            x = torch.addcmul(input_affine[1].view(-1, 1), x, input_affine[0].view(-1, 1))
+            # in the input's dtype, as the padded route writes it: every route returns the same dtype
+            x = torch.addcmul(input_affine[1].to(x.dtype).view(-1, 1), x, input_affine[0].to(x.dtype).view(-1, 1))
             input_affine = None
     if not fft:
         return F.conv1d(_padded(x, n - 1, 0, input_affine), weight, bias, groups=groups)

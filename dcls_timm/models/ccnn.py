@@ -22,6 +22,7 @@ from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from dcls_timm.layers import SeparableFlexConv
+from dcls_timm.layers.flexconv import _ContinuousConvNd
 from dcls_timm.layers.pointwise import PointwiseConv1d, pointwise_conv
 from dcls_timm.layers.fused import (
     batch_norm_affine, conv2d_args, conv_channels_last, eager_inference, eval_batch_norm, fused_conv2d, use_fused_conv)
@@ -77,7 +78,8 @@ class CCNNBlock(nn.Module):
     def _fused_inference(self, x: torch.Tensor) -> torch.Tensor:
         # dropout is the identity in eval; 2-D float32 on CPU: each 1x1 conv runs with its GELU inside (oneDNN)
         depthwise = self.conv.depthwise
-        if depthwise.causal and eval_batch_norm(self.norm, 1):
+        # a baked model's depthwise conv is a plain convolution module: it takes the normalised input
+        if isinstance(depthwise, _ContinuousConvNd) and depthwise.causal and eval_batch_norm(self.norm, 1):
             # sequences: the BatchNorm's affine map is written straight into the causal conv's zero-padded input
             h = depthwise(x, input_affine=batch_norm_affine(self.norm))
         else:
