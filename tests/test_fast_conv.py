@@ -106,6 +106,7 @@ def test_dispatch():
     assert not use_fast_depthwise(x, torch.randn(8, 1, 9, 9), (1, 1), 4)  # not depthwise
     assert not use_fast_depthwise(x, torch.randn(4, 1, 3, 3), (1, 1), 4)  # small kernel: the native path is fine
     assert not use_fast_depthwise(x.bfloat16(), w.bfloat16(), (1, 1), 4)  # low precision: native path
+    assert use_fast_depthwise(x, w, (1, 1), 4, (8, 8)) and not use_fast_depthwise(x, w, (1, 1), 4, (9, 0))
     with pytest.raises(ValueError, match='padding'):
         depthwise_conv2d(x, w, None, (9, 9))
 
@@ -143,10 +144,10 @@ def test_dcls_layer_fast_path_and_cropping_are_exact(size, positions, version):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
 
 
-@pytest.mark.parametrize('padding, size', [(8, 6), (6, 5), ((8, 2), 7)])
+@pytest.mark.parametrize('padding, size', [(8, 6), (6, 5), ((8, 2), 7), (9, 6), ((4, 10), 5)])
 def test_dcls_layer_with_wide_padding_is_exact(padding, size):
     """Padding past half the grid (outputs larger than the input): the fast path's weight gradient needs the lags
-    that only the extra outputs reach."""
+    that only the extra outputs reach; padding of the grid size or more leaves the fast path (F.conv2d takes it)."""
     torch.manual_seed(0)
     layer = Dcls2d(4, 4, kernel_count=9, dilated_kernel_size=9, padding=padding, groups=4).double()
     with torch.no_grad():

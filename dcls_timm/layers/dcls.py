@@ -270,7 +270,7 @@ class _DclsNd(nn.Module):
             kernel = self.construct_kernel()
         elif self.fast_path and not isinstance(x, torch.fx.Proxy):  # symbolic shapes under FX: the plain path
             kernel, padding = self._cropped_kernel(x.shape[2:])
-            if self.ndim == 2 and use_fast_depthwise(x, kernel, self.stride, self.groups):
+            if self.ndim == 2 and use_fast_depthwise(x, kernel, self.stride, self.groups, padding):
                 return depthwise_conv2d(x, kernel, self.bias, padding)
         else:
             kernel = self.construct_kernel()

@@ -19,9 +19,14 @@ from ._autograd import autograd_function_unsupported
 __all__ = ['depthwise_conv2d', 'use_fast_depthwise', 'fft_size']
 
 
-def use_fast_depthwise(x: torch.Tensor, weight: torch.Tensor, stride: Tuple[int, int], groups: int) -> bool:
+def use_fast_depthwise(x: torch.Tensor, weight: torch.Tensor, stride: Tuple[int, int], groups: int,
+                       padding: Optional[Sequence[int]] = None) -> bool:
     """The fast path applies to CPU float32/64 depthwise 2-D convs with stride 1 and kernels of 7x7 or more, outside
-    autocast (which would run its forward in lower precision and hand its backward mixed dtypes)."""
+    autocast (which would run its forward in lower precision and hand its backward mixed dtypes), with ``padding``
+    (if given) at most ``kernel_size - 1`` per axis: wider zero padding only adds rows of zeros, which
+    ``F.conv2d`` handles."""
+    if padding is not None and any(p > k - 1 for p, k in zip(padding, weight.shape[-2:])):
+        return False
     if x.device.type != 'cpu' or x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
         return False
     if torch.is_autocast_enabled('cpu') or autograd_function_unsupported():
