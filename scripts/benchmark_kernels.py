@@ -201,7 +201,8 @@ def main():
         total = dict(table['total_18_blocks'], label='sum over the 18 blocks')
         rows = [dict(r, label=f"{r['channels']}, {r['size']}") for r in table['rows']] + [total]
         columns = ('F.conv2d', 'fast path', 'fast path, FFT weight gradient', 'F.conv2d 7x7')
-        _print_table(f"{args.kernel}x{args.kernel} depthwise conv, forward + backward, batch {table['batch']}, {threads}",
+        title = f"{args.kernel}x{args.kernel} depthwise conv, forward + backward, batch {table['batch']}, {threads}"
+        _print_table(title,
                      ['stage shape (C, H=W)', 'F.conv2d ms', 'fast path ms', 'fast path, FFT weight gradient ms',
                       'ConvNeXt-T 7x7 F.conv2d ms'], rows,
                      lambda r: [r['label']] + [f'{1e3 * r[k]:.0f}' for k in columns])

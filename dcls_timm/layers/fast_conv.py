@@ -133,8 +133,8 @@ def _fft_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, lags: Sequence[Tup
     return corr[:, index[0]][:, :, index[1]]
 
 
-# maps up to this many pixels take the DFT-matrix weight gradient (ConvNeXt's 14x14 and 7x7 stages: 1.5-2x faster
-# than FFT calls on CPU), larger ones the FFT (at 28x28 about even, at 56x56 the FFT is 1.5x faster)
+# maps up to this many pixels take the DFT-matrix weight gradient (ConvNeXt's 14x14 and 7x7 stages), larger ones
+# the FFT: `scripts/benchmark_kernels.py --conv` times both (its FFT-only column); the two are about even at 28x28
 DFT_MAX_PIXELS = 400
 
 

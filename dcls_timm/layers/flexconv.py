@@ -87,18 +87,27 @@ def _writes_allowed(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     return not autograd_function_unsupported()
 
 
+def _affine(x: torch.Tensor, input_affine: Tuple[torch.Tensor, torch.Tensor],
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x * scale + shift`` per channel (dim 1), in ``x``'s dtype; written into ``out`` if given."""
+    scale, shift = input_affine
+    view = [-1] + [1] * (x.dim() - 2)
+    if out is None:
+        return torch.addcmul(shift.to(x.dtype).view(view), x, scale.to(x.dtype).view(view))
+    return torch.addcmul(shift.to(x.dtype).view(view), x, scale.to(x.dtype).view(view), out=out)
+
+
 def _padded(x: torch.Tensor, left: int, right: int,
             input_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """``F.pad(x * scale + shift, (left, right))`` with ``input_affine = (scale, shift)`` per channel: the affine
     map is written straight into the padded tensor, so a BatchNorm before a convolution costs no pass of its own."""
     if input_affine is None:
         return F.pad(x, (left, right))
-    scale, shift = input_affine
     length = x.shape[-1]
     out = x.new_empty(list(x.shape[:-1]) + [left + length + right])
     out[..., :left].zero_()
     out[..., left + length:].zero_()
-    torch.addcmul(shift.to(x.dtype).view(-1, 1), x, scale.to(x.dtype).view(-1, 1), out=out[..., left:left + length])
+    _affine(x, input_affine, out=out[..., left:left + length])
     return out
 
 
@@ -118,10 +127,10 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         raise ValueError(f'causal_conv1d: the input has {x.shape[1]} channels, the kernel takes '
                          f'{weight.shape[1] * groups}.')
     if input_affine is not None:
-        # TorchScript compiles only this branch (no host-side checks in baked models)
+        # is_scripting() first: TorchScript (baked models) drops the branch below; it still compiles _writes_allowed,
+        # which returns at its own is_scripting() before the checks TorchScript cannot compile
         if torch.jit.is_scripting() or not _writes_allowed(x, weight, input_affine[0], input_affine[1]):
-            # in the input's dtype, as the padded route writes it: every route returns the same dtype
-            x = torch.addcmul(input_affine[1].to(x.dtype).view(-1, 1), x, input_affine[0].to(x.dtype).view(-1, 1))
+            x = _affine(x, input_affine)  # in the input's dtype, as the padded route writes it
             input_affine = None
     if not fft:
         return F.conv1d(_padded(x, n - 1, 0, input_affine), weight, bias, groups=groups)
@@ -213,8 +222,7 @@ def _depthwise_causal_fft_conv(x: torch.Tensor, weight: torch.Tensor, size: int,
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _DepthwiseCausalFFTConv.apply(x, weight, size)
     # nothing to save for a backward: the kernel's spectrum multiplies the input's in place (bit-equal)
-    X = torch.fft.rfft(x, n=size) if input_affine is None else torch.fft.rfft(_padded(x, 0, size - x.shape[-1],
-                                                                                      input_affine))
+    X = torch.fft.rfft(_padded(x, 0, size - x.shape[-1], input_affine))
     X.mul_(torch.fft.rfft(weight[:, 0].flip(-1), n=size))
     return torch.fft.irfft(X, n=size)[..., :x.shape[-1]]
 
@@ -434,8 +442,7 @@ class _ContinuousConvNd(nn.Module):
             return causal_conv1d(x, kernel, bias, groups, fft=self._use_fft(kernel.shape[2:]),
                                  input_affine=input_affine)
         if input_affine is not None:
-            scale, shift = input_affine
-            x = torch.addcmul(shift.view(-1, *([1] * self.dim)), x, scale.view(-1, *([1] * self.dim)))
+            x = _affine(x, input_affine)
         kernel = self.construct_kernel()
         if self._use_fft(kernel.shape[2:]):
             return fft_conv(x, kernel, self.bias, groups)

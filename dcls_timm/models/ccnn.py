@@ -21,8 +21,7 @@ import torch.nn as nn
 from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from dcls_timm.layers import SeparableFlexConv
-from dcls_timm.layers.flexconv import _ContinuousConvNd
+from dcls_timm.layers import FlexConv, SeparableFlexConv
 from dcls_timm.layers.pointwise import PointwiseConv1d, pointwise_conv
 from dcls_timm.layers.fused import (
     batch_norm_affine, conv2d_args, conv_channels_last, eager_inference, eval_batch_norm, fused_conv2d, use_fused_conv)
@@ -49,8 +48,8 @@ class CCNNBlock(nn.Module):
     Eager no-grad evaluation skips the module calls after the depthwise convolution: in 2-D (float32, CPU) both 1x1
     convolutions run with their GELU inside one oneDNN call (:func:`dcls_timm.layers.fused.fused_conv2d`, float32
     rounding); elsewhere the GELUs and the residual add are written in place. In 1-D the eval BatchNorm is applied
-    while the causal convolution pads its input (float32 rounding: ``x * scale + shift`` in one step). Hooks, FX, tracing,
-    scripting, training and autograd keep the module path, as does ``fast_path = False``.
+    while the causal convolution pads its input (float32 rounding: ``x * scale + shift`` in one step). Hooks, FX,
+    tracing, scripting, training and autograd keep the module path, as does ``fast_path = False``.
     """
     fast_path: bool = True
 
@@ -79,7 +78,7 @@ class CCNNBlock(nn.Module):
         # dropout is the identity in eval; 2-D float32 on CPU: each 1x1 conv runs with its GELU inside (oneDNN)
         depthwise = self.conv.depthwise
         # a baked model's depthwise conv is a plain convolution module: it takes the normalised input
-        if isinstance(depthwise, _ContinuousConvNd) and depthwise.causal and eval_batch_norm(self.norm, 1):
+        if isinstance(depthwise, FlexConv) and depthwise.causal and eval_batch_norm(self.norm, 1):
             # sequences: the BatchNorm's affine map is written straight into the causal conv's zero-padded input
             h = depthwise(x, input_affine=batch_norm_affine(self.norm))
         else:
