@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import dcls_timm  # noqa: F401
 from dcls_timm.layers import (
-    CKConv, FlexConv, MAGNet, SeparableFlexConv, anti_aliasing_loss, coordinate_grid, fft_conv, set_kernel_resolution,
+    CKConv, FlexConv, MAGNet, SeparableFlexConv, affine_input_conv, anti_aliasing_loss, coordinate_grid, fft_conv,
+    set_kernel_resolution,
 )
 from dcls_timm.layers.dcls import Dcls2d
 from dcls_timm.recipe import CompositeRecipe, FlexConvRecipe
@@ -254,3 +255,81 @@ def test_float64_input_takes_either_path(fft):
         ref = conv(x.float())
     assert out.dtype == torch.float64
     torch.testing.assert_close(out.float(), ref, rtol=1e-4, atol=1e-5)
+
+
+def _affine_first(x, scale, shift):
+    view = [1, -1] + [1] * (x.dim() - 2)
+    return x * scale.view(view) + shift.view(view)
+
+
+@pytest.mark.parametrize('dim', [1, 2, 3])
+def test_affine_input_conv_equals_normalising_first(dim):
+    # the scale in the kernel, the shift as bias inside and a border correction where taps land on the zero padding:
+    # every padding from 0 to past the kernel, maps smaller than the kernel, groups (full, depthwise, 2), float64
+    gen = torch.Generator().manual_seed(dim)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dim]
+    cases = 0
+    for trial in range(40):
+        cin = (1, 2, 4, 6)[trial % 4]
+        groups = 2 if trial % 5 == 3 and cin % 2 == 0 else (1, cin)[trial % 2]
+        cout = groups * (trial % 3 + 1)
+        ks = [int(torch.randint(1, 8 if dim < 3 else 5, (), generator=gen)) for _ in range(dim)]
+        size = [int(torch.randint(1, 12 if dim < 3 else 6, (), generator=gen)) for _ in range(dim)]
+        pad = [int(torch.randint(0, k + 2, (), generator=gen)) for k in ks]
+        if any(n + 2 * p - k < 0 for n, p, k in zip(size, pad, ks)):
+            continue
+        x = torch.randn(3, cin, *size, dtype=torch.float64, generator=gen)
+        w = torch.randn(cout, cin // groups, *ks, dtype=torch.float64, generator=gen)
+        b = torch.randn(cout, dtype=torch.float64, generator=gen) if trial % 2 else None
+        scale, shift = torch.randn(2, cin, dtype=torch.float64, generator=gen)
+        before = x.clone()
+        out = affine_input_conv(x, w, b, pad, groups, (scale, shift))
+        torch.testing.assert_close(out, conv(_affine_first(x, scale, shift), w, b, padding=pad, groups=groups),
+                                   rtol=1e-12, atol=1e-12)
+        assert torch.equal(x, before)
+        cases += 1
+    assert cases >= 25
+    with pytest.raises(ValueError, match='do not match'):
+        affine_input_conv(x, w, b, pad[:-1] + [0, 0], groups, (scale, shift))
+
+
+def test_affine_input_conv_keeps_channels_last():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 12, 10).contiguous(memory_format=torch.channels_last)
+    w, b, scale, shift = torch.randn(8, 1, 5, 5), torch.randn(8), torch.rand(8) + 0.5, torch.randn(8)
+    out = affine_input_conv(x, w, b, [2, 2], 8, (scale, shift))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, F.conv2d(_affine_first(x, scale, shift), w, b, padding=2, groups=8),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('depthwise', [True, False])
+@pytest.mark.parametrize('sigma', [None, 1.0])  # as created (direct conv, folded) and spread (FFT, applied first)
+def test_flexconv_input_affine_on_every_route(depthwise, sigma, monkeypatch):
+    import dcls_timm.layers.flexconv as flexconv
+    torch.manual_seed(0)
+    conv = FlexConv(4, 4, 25, dim=2, depthwise=depthwise).double()
+    if sigma is not None:
+        with torch.no_grad():
+            conv.mask_sigma.fill_(sigma)
+    x = torch.randn(2, 4, 14, 12, dtype=torch.float64)
+    scale, shift = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64)
+    folded = [0]
+    fold = flexconv.affine_input_conv
+
+    def counted(*args):
+        folded[0] += 1
+        return fold(*args)
+    monkeypatch.setattr(flexconv, 'affine_input_conv', counted)
+    with torch.no_grad():
+        ref = conv(_affine_first(x, scale, shift))
+        torch.testing.assert_close(conv(x, input_affine=(scale, shift)), ref, rtol=1e-10, atol=1e-10)
+    assert folded[0] == (sigma is None)  # FFT-sized kernels take the affine map first
+    xg = x.clone().requires_grad_()
+    out = conv(xg, input_affine=(scale, shift))  # autograd: applied first, gradients through it
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    out.sum().backward()
+    assert folded[0] == (sigma is None)
+    xr = x.clone().requires_grad_()
+    conv(_affine_first(xr, scale, shift)).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-10, atol=1e-10)

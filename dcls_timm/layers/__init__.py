@@ -6,8 +6,8 @@ from .dcls import (
 from .dropout import cpu_dropout  # not its dropout(): that name stays the submodule, dcls_timm.layers.dropout
 from .kernel import DCLS_VERSIONS, construct_kernel, interpolation_profiles
 from .flexconv import (
-    CKConv, FlexConv, SeparableFlexConv, anti_aliasing_loss, causal_conv1d, continuous_convs, fft_conv,
-    set_kernel_resolution,
+    CKConv, FlexConv, SeparableFlexConv, affine_input_conv, anti_aliasing_loss, causal_conv1d, continuous_convs,
+    fft_conv, set_kernel_resolution,
 )
 from .magnet import MAGNet, coordinate_grid
 from .pointwise import PointwiseConv1d, pointwise_conv

@@ -31,7 +31,8 @@ from .fast_conv import fft_size
 from .magnet import MAGNet, coordinate_grid
 from .pointwise import pointwise_conv
 
-__all__ = ['CKConv', 'FlexConv', 'SeparableFlexConv', 'fft_conv', 'causal_conv1d', 'continuous_convs',
+__all__ = ['CKConv', 'FlexConv', 'SeparableFlexConv', 'fft_conv', 'causal_conv1d', 'affine_input_conv',
+           'continuous_convs',
            'set_kernel_resolution', 'anti_aliasing_loss', 'MASK_THRESHOLD']
 
 MASK_THRESHOLD = 0.1
@@ -109,6 +110,54 @@ def _padded(x: torch.Tensor, left: int, right: int,
     out[..., left + length:].zero_()
     _affine(x, input_affine, out=out[..., left:left + length])
     return out
+
+
+def _add_border(y: torch.Tensor, correction: torch.Tensor, widths: List[int]) -> None:
+    """``y += correction`` (broadcast over the batch) only within ``widths[d]`` of both ends of each spatial axis."""
+    if any(2 * w >= n for w, n in zip(widths, y.shape[2:])):
+        y.add_(correction)
+        return
+    for d, w in enumerate(widths):
+        if w == 0:
+            continue
+        dim, n = d + 2, y.shape[d + 2]
+        for start in (0, n - w):
+            y.narrow(dim, start, w).add_(correction.narrow(dim, start, w))
+        # the slabs just corrected are excluded from the next axes' strips
+        y, correction = y.narrow(dim, w, n - 2 * w), correction.narrow(dim, w, n - 2 * w)
+
+
+def affine_input_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: List[int],
+                      groups: int, input_affine: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``F.convNd(x * scale + shift, weight, bias, padding=padding, groups=groups)`` (stride 1, zero padding) with no
+    pass over ``x`` of its own, for ``input_affine = (scale, shift)`` per input channel (e.g. an eval BatchNorm).
+
+    The kernel takes the scale; the shift, convolved with a constant map, is a per-channel constant wherever every
+    tap lands inside the input and goes into the bias; within ``padding`` of the border, where taps land on the
+    zero padding (which is not shifted), a correction map computed from one shift-only image is added in place.
+    Float32 rounding against normalising first.
+    """
+    scale, shift = input_affine
+    nd, (out_ch, per_group) = weight.dim() - 2, weight.shape[:2]
+    if len(padding) != nd or x.shape[1] != per_group * groups or out_ch % groups:
+        raise ValueError(f'affine_input_conv: input {list(x.shape)}, kernel {list(weight.shape)}, groups {groups} '
+                         f'and padding {padding} do not match.')
+
+    def per_tap(v: torch.Tensor) -> torch.Tensor:
+        # weight[o, j] reads input channel (o // (out_ch // groups)) * per_group + j
+        v = v.to(weight.dtype).view(groups, 1, per_group).expand(groups, out_ch // groups, per_group)
+        return v.reshape([out_ch, per_group] + [1] * nd)
+
+    conv = _CONV_FNS[nd]
+    spatial = list(range(2, 2 + nd))
+    interior = (weight * per_tap(shift)).sum([1] + spatial)
+    y = conv(x, weight * per_tap(scale), interior if bias is None else bias + interior, padding=padding,
+             groups=groups)
+    shift_image = shift.to(weight.dtype).view([1, -1] + [1] * nd).expand([1, x.shape[1]] + list(x.shape[2:]))
+    correction = conv(shift_image, weight, None, padding=padding, groups=groups) - interior.view([1, -1] + [1] * nd)
+    # in y's memory layout (channels-last on CPU): mixed layouts make the strided strip adds several times slower
+    _add_border(y, torch.empty_like(y[:1]).copy_(correction), padding)
+    return y
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, groups: int = 1,
@@ -431,7 +480,9 @@ class _ContinuousConvNd(nn.Module):
     def forward(self, x: torch.Tensor, input_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
                 ) -> torch.Tensor:
         """Convolve ``x``, or with ``input_affine = (scale, shift)`` (``[C_in]`` each, e.g. an eval BatchNorm's)
-        ``x * scale + shift`` per channel: causal layers apply it while padding their input (no pass of its own)."""
+        ``x * scale + shift`` per channel: without autograd, causal layers apply it while padding their input and
+        direct (non-FFT) non-causal ones fold it into the kernel (:func:`affine_input_conv`), with no pass of its
+        own."""
         length = x.shape[-1] if self.causal else None
         self._last_length = length
         self._finish_init(length)
@@ -441,17 +492,24 @@ class _ContinuousConvNd(nn.Module):
             kernel, bias = self._in_dtype_of(x, kernel)
             return causal_conv1d(x, kernel, bias, groups, fft=self._use_fft(kernel.shape[2:]),
                                  input_affine=input_affine)
-        if input_affine is not None:
-            x = _affine(x, input_affine)
         kernel = self.construct_kernel()
-        if self._use_fft(kernel.shape[2:]):
+        fft = self._use_fft(kernel.shape[2:])
+        if input_affine is not None:
+            # without autograd the direct route folds it into the kernel and bias (affine_input_conv): no pass
+            if torch.jit.is_scripting() or fft or not _writes_allowed(x, kernel, input_affine[0], input_affine[1]):
+                x = _affine(x, input_affine)
+                input_affine = None
+        if fft:
             return fft_conv(x, kernel, self.bias, groups)
         if self.dim == 2 and x.device.type == 'cpu' and not functorch_transforms_active():
             # CPU convolutions (oneDNN) run 1.3-3x faster, forward and backward, on channels-last tensors; the
             # output stays channels-last, so the next layer pays no conversion (vmap cannot query the layout)
             x = x.contiguous(memory_format=torch.channels_last)
         kernel, bias = self._in_dtype_of(x, kernel)
-        return _CONV_FNS[self.dim](x, kernel, bias, padding=[s // 2 for s in kernel.shape[2:]], groups=groups)
+        padding = [s // 2 for s in kernel.shape[2:]]
+        if input_affine is not None:
+            return affine_input_conv(x, kernel, bias, padding, groups, input_affine)
+        return _CONV_FNS[self.dim](x, kernel, bias, padding=padding, groups=groups)
 
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, dim={self.dim}, '

@@ -9,12 +9,13 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 import torch
 import torch.nn as nn
-from timm.layers import get_device_dtype, register_notrace_module
+from timm.layers import ClassifierHead, SelectAdaptivePool2d, get_device_dtype, register_notrace_module
+from timm.layers.adaptive_avgmax_pool import FastAdaptiveAvgPool
 from timm.models._features import feature_take_indices
 
 from dcls_timm.layers import SeparableFlexConv
 from dcls_timm.layers.fused import (
-    conv2d_args, conv_channels_last, eager_inference, fused_conv2d, use_fused_conv)
+    batch_norm_affine, conv2d_args, conv_channels_last, eager_inference, eval_batch_norm, fused_conv2d, use_fused_conv)
 
 __all__ = ['StemBlocksClassifier', 'ConvNormActStem', 'SequenceInput', 'SequenceHead', 'seeded_permutation']
 
@@ -111,9 +112,11 @@ class SequenceHead(nn.Module):
         self.fc = nn.Linear(self.in_features, num_classes, device=device, dtype=dtype) if num_classes > 0 \
             else nn.Identity()
 
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., -1] if self.pool_type == 'last' else x.mean(-1)
+
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[..., -1] if self.pool_type == 'last' else x.mean(-1)
-        x = self.drop(x)
+        x = self.drop(self.pool(x))
         return x if pre_logits else self.fc(x)
 
 
@@ -175,5 +178,29 @@ class StemBlocksClassifier(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
 
+    @torch.jit.unused
+    def _pooled_norm_head(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Logits of the un-normalised features ``x`` with the final eval BatchNorm applied after the head's average
+        (or last-step) pooling, which a per-channel affine map commutes with: ``[B, C]`` values instead of a
+        feature-sized pass (float32 rounding). None where that does not hold or a module call could be missed."""
+        head = self.head
+        if not eager_inference(x, (self.norm, head)) or not eval_batch_norm(self.norm, x.dim() - 2):
+            return None
+        if type(head) is SequenceHead:
+            pool, finish = head.pool, (lambda y: head.fc(head.drop(y)))
+        elif type(head) is ClassifierHead and type(head.global_pool) is SelectAdaptivePool2d \
+                and type(head.global_pool.pool) in (nn.AdaptiveAvgPool2d, FastAdaptiveAvgPool):
+            pool, finish = head.global_pool, (lambda y: head.flatten(head.fc(head.drop(y))))
+        else:
+            return None
+        pooled = pool(x)
+        scale, shift = batch_norm_affine(self.norm)
+        view = [-1] + [1] * (pooled.dim() - 2)
+        return finish(torch.addcmul(shift.to(pooled.dtype).view(view), pooled, scale.to(pooled.dtype).view(view)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            features = self.blocks(self.stem(self._input(x)))
+            logits = self._pooled_norm_head(features)
+            return logits if logits is not None else self.forward_head(self.norm(features))
         return self.forward_head(self.forward_features(x))

@@ -47,9 +47,10 @@ class CCNNBlock(nn.Module):
 
     Eager no-grad evaluation skips the module calls after the depthwise convolution: in 2-D (float32, CPU) both 1x1
     convolutions run with their GELU inside one oneDNN call (:func:`dcls_timm.layers.fused.fused_conv2d`, float32
-    rounding); elsewhere the GELUs and the residual add are written in place. In 1-D the eval BatchNorm is applied
-    while the causal convolution pads its input (float32 rounding: ``x * scale + shift`` in one step). Hooks, FX,
-    tracing, scripting, training and autograd keep the module path, as does ``fast_path = False``.
+    rounding); elsewhere the GELUs and the residual add are written in place. The eval BatchNorm costs no pass of its
+    own: in 1-D it is applied while the causal convolution pads its input, in 2-D it is folded into the depthwise
+    kernel and bias where that conv is direct (float32 rounding, :func:`dcls_timm.layers.affine_input_conv`).
+    Hooks, FX, tracing, scripting, training and autograd keep the module path, as does ``fast_path = False``.
     """
     fast_path: bool = True
 
@@ -78,8 +79,9 @@ class CCNNBlock(nn.Module):
         # dropout is the identity in eval; 2-D float32 on CPU: each 1x1 conv runs with its GELU inside (oneDNN)
         depthwise = self.conv.depthwise
         # a baked model's depthwise conv is a plain convolution module: it takes the normalised input
-        if isinstance(depthwise, FlexConv) and depthwise.causal and eval_batch_norm(self.norm, 1):
-            # sequences: the BatchNorm's affine map is written straight into the causal conv's zero-padded input
+        if isinstance(depthwise, FlexConv) and eval_batch_norm(self.norm, depthwise.dim):
+            # no BatchNorm pass: sequences write its affine map straight into the causal conv's zero-padded input,
+            # images fold it into the kernel and bias (with a border correction) where the conv is direct
             h = depthwise(x, input_affine=batch_norm_affine(self.norm))
         else:
             h = depthwise(self.norm(x))
