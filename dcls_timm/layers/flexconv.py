@@ -29,7 +29,8 @@ from timm.layers import register_notrace_module
 from ._autograd import autograd_function_unsupported, differentiable_grads, functorch_transforms_active
 from .fast_conv import fft_size
 from .magnet import MAGNet, coordinate_grid
-from .pointwise import pointwise_conv
+from .fused import eager_unhooked
+from .pointwise import PointwiseConv1d, pointwise_conv, pointwise_matmul
 
 __all__ = ['CKConv', 'FlexConv', 'SeparableFlexConv', 'fft_conv', 'causal_conv1d', 'affine_input_conv',
            'continuous_convs',
@@ -477,12 +478,12 @@ class _ContinuousConvNd(nn.Module):
             return kernel, self.bias
         return kernel.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
 
-    def forward(self, x: torch.Tensor, input_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                skip_bias: bool = False) -> torch.Tensor:
         """Convolve ``x``, or with ``input_affine = (scale, shift)`` (``[C_in]`` each, e.g. an eval BatchNorm's)
         ``x * scale + shift`` per channel: without autograd, causal layers apply it while padding their input and
         direct (non-FFT) non-causal ones fold it into the kernel (:func:`affine_input_conv`), with no pass of its
-        own."""
+        own. ``skip_bias=True`` leaves the bias out (a caller that adds it elsewhere)."""
         length = x.shape[-1] if self.causal else None
         self._last_length = length
         self._finish_init(length)
@@ -490,8 +491,8 @@ class _ContinuousConvNd(nn.Module):
         if self.causal:
             kernel = self.causal_kernel(length)
             kernel, bias = self._in_dtype_of(x, kernel)
-            return causal_conv1d(x, kernel, bias, groups, fft=self._use_fft(kernel.shape[2:]),
-                                 input_affine=input_affine)
+            return causal_conv1d(x, kernel, None if skip_bias else bias, groups,
+                                 fft=self._use_fft(kernel.shape[2:]), input_affine=input_affine)
         kernel = self.construct_kernel()
         fft = self._use_fft(kernel.shape[2:])
         if input_affine is not None:
@@ -500,12 +501,13 @@ class _ContinuousConvNd(nn.Module):
                 x = _affine(x, input_affine)
                 input_affine = None
         if fft:
-            return fft_conv(x, kernel, self.bias, groups)
+            return fft_conv(x, kernel, None if skip_bias else self.bias, groups)
         if self.dim == 2 and x.device.type == 'cpu' and not functorch_transforms_active():
             # CPU convolutions (oneDNN) run 1.3-3x faster, forward and backward, on channels-last tensors; the
             # output stays channels-last, so the next layer pays no conversion (vmap cannot query the layout)
             x = x.contiguous(memory_format=torch.channels_last)
         kernel, bias = self._in_dtype_of(x, kernel)
+        bias = None if skip_bias else bias
         padding = [s // 2 for s in kernel.shape[2:]]
         if input_affine is not None:
             return affine_input_conv(x, kernel, bias, padding, groups, input_affine)
@@ -552,7 +554,26 @@ class SeparableFlexConv(nn.Module):
         self.depthwise = FlexConv(in_channels, in_channels, kernel_size, dim=dim, depthwise=True, **dd, **kwargs)
         self.pointwise = pointwise_conv(dim, in_channels, out_channels, bias=bias, **dd)
 
+    @torch.jit.unused
+    def _bias_folded(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Sequences on CPU: the depthwise bias carried through the pointwise conv into its bias
+        (``W @ b_depthwise + b_pointwise``), so no activation-sized bias add, forward or backward (float32 rounding;
+        gradients reach both biases through the fold). None where a hook could see the unbiased output, and for a
+        baked model's depthwise conv (a plain convolution module)."""
+        depthwise, pointwise = self.depthwise, self.pointwise
+        if not isinstance(depthwise, FlexConv) or depthwise.bias is None or type(pointwise) is not PointwiseConv1d \
+                or not pointwise._matmul_path(x) or not eager_unhooked(x, (self,)):
+            return None
+        weight = pointwise.weight[..., 0]
+        bias = weight @ depthwise.bias if pointwise.bias is None else torch.addmv(pointwise.bias, weight,
+                                                                                   depthwise.bias)
+        return pointwise_matmul(depthwise(x, skip_bias=True), weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            folded = self._bias_folded(x)
+            if folded is not None:
+                return folded
         return self.pointwise(self.depthwise(x))
 
 

@@ -26,7 +26,7 @@ from torch.nn.modules import module as _module
 
 from ._autograd import autograd_function_unsupported
 
-__all__ = ['fused_ops_available', 'eager_inference', 'use_fused_mlp', 'mlp_residual', 'fold_batch_norm',
+__all__ = ['fused_ops_available', 'eager_unhooked', 'eager_inference', 'use_fused_mlp', 'mlp_residual', 'fold_batch_norm',
            'batch_norm_affine', 'eval_batch_norm', 'fused_activation', 'conv2d_args', 'use_fused_conv',
            'conv_channels_last', 'fused_conv2d']
 
@@ -72,19 +72,26 @@ def fused_ops_available() -> bool:
     return _AVAILABLE
 
 
-def eager_inference(x: torch.Tensor, modules: Sequence[nn.Module]) -> bool:
-    """Eager evaluation without autograd or autocast, with ``modules`` (and their submodules) all in eval mode and
-    no forward hook that could see (or miss) them: the condition for a fast path that computes what those modules
-    compute without calling them. False under FX, tracing, compiling, autograd, forward-mode AD, torch.func transforms
-    and autocast, while any of the modules is in training mode (Monte Carlo dropout, drop path), and while any module
-    hook, local or global, is set."""
+def eager_unhooked(x: torch.Tensor, modules: Sequence[nn.Module]) -> bool:
+    """Eager execution without autocast, with no forward hook that could see (or miss) ``modules`` (and their
+    submodules): the condition for a path that computes what those modules compute, with or without autograd,
+    without calling them. False under FX, tracing, compiling, forward-mode AD, torch.func transforms and autocast,
+    and while any module hook, local or global, is set."""
     if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling() \
-            or torch.is_grad_enabled() or torch.is_autocast_enabled() or torch.is_autocast_enabled('cpu') \
+            or torch.is_autocast_enabled() or torch.is_autocast_enabled('cpu') \
             or autograd_function_unsupported():  # oneDNN's fused ops carry no tangents and have no batching rule
         return False
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return False
-    return not any(m.training or m._forward_hooks or m._forward_pre_hooks for mod in modules for m in mod.modules())
+    return not any(m._forward_hooks or m._forward_pre_hooks for mod in modules for m in mod.modules())
+
+
+def eager_inference(x: torch.Tensor, modules: Sequence[nn.Module]) -> bool:
+    """:func:`eager_unhooked` without autograd, with ``modules`` (and their submodules) all in eval mode: the
+    condition for an inference fast path. False also under autograd and while any of the modules is in training
+    mode (Monte Carlo dropout, drop path)."""
+    return not torch.is_grad_enabled() and eager_unhooked(x, modules) \
+        and not any(m.training for mod in modules for m in mod.modules())
 
 
 def _cpu_float32(x: torch.Tensor, *weights: torch.Tensor) -> bool:

@@ -6,10 +6,12 @@ oneDNN runs a 1x1 ``conv1d`` over ``[B, C, L]`` sequences far below its matmul s
 --pointwise``). The result is
 the same up to float32 rounding (summation order).
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
-__all__ = ['PointwiseConv1d', 'pointwise_conv']
+__all__ = ['PointwiseConv1d', 'pointwise_conv', 'pointwise_matmul']
 
 
 class PointwiseConv1d(nn.Conv1d):
@@ -27,12 +29,18 @@ class PointwiseConv1d(nn.Conv1d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self._matmul_path(x):
-            b, length = x.shape[0], x.shape[2]
-            weight = self.weight.squeeze(-1).expand(b, -1, -1)  # a view: the batch shares one weight
-            if self.bias is None:
-                return torch.bmm(weight, x)
-            return torch.baddbmm(self.bias.view(1, -1, 1).expand(b, -1, length), weight, x)
+            return pointwise_matmul(x, self.weight.squeeze(-1), self.bias)
         return self._conv_forward(x, self.weight, self.bias)
+
+
+def pointwise_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``bias + weight @ x`` per sample of ``x`` ``[B, C_in, L]``: a 1x1 convolution as one batched matmul.
+    ``weight`` is ``[C_out, C_in]`` (shared by the batch) or ``[B, C_out, C_in]`` (one per sample)."""
+    b, length = x.shape[0], x.shape[2]
+    weight = weight.expand(b, -1, -1)  # a view when shared
+    if bias is None:
+        return torch.bmm(weight, x)
+    return torch.baddbmm(bias.view(1, -1, 1).expand(b, -1, length), weight, x)
 
 def pointwise_conv(dim: int, in_channels: int, out_channels: int, bias: bool = True, device=None,
                    dtype=None) -> nn.Module:

@@ -22,9 +22,10 @@ from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from dcls_timm.layers import FlexConv, SeparableFlexConv
-from dcls_timm.layers.pointwise import PointwiseConv1d, pointwise_conv
+from dcls_timm.layers.pointwise import PointwiseConv1d, pointwise_conv, pointwise_matmul
 from dcls_timm.layers.fused import (
-    batch_norm_affine, conv2d_args, conv_channels_last, eager_inference, eval_batch_norm, fused_conv2d, use_fused_conv)
+    batch_norm_affine, conv2d_args, conv_channels_last, eager_inference, eager_unhooked, eval_batch_norm, fused_conv2d,
+    use_fused_conv)
 
 from ._classifier_net import ConvNormActStem, SequenceHead, SequenceInput, StemBlocksClassifier
 
@@ -97,9 +98,30 @@ class CCNNBlock(nn.Module):
         y = torch.ops.aten.gelu_(self.linear(y), approximate=self.act2.approximate)
         return y.add_(x)
 
+    @torch.jit.unused
+    def _dropout_folded(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Sequences on CPU with live channel dropout: its mask, one value per sample and channel, scales the
+        input channels of the linear layer's weight, one weight per sample (``[B, C, C]``), so no activation-sized
+        multiply, forward or backward. The masks are those ``nn.Dropout1d`` draws from the same generator state
+        (float32 rounding). None where a hook could see the dropout's output."""
+        drop, linear = self.drop, self.linear
+        if not self.fast_path or type(drop) is not nn.Dropout1d or not drop.training or drop.p == 0 \
+                or type(linear) is not PointwiseConv1d or not linear._matmul_path(x) or not eager_unhooked(x, (self,)):
+            return None
+        h = self.act1(self.conv(self.norm(x)))
+        p = drop.p
+        # as F.dropout1d: bernoulli(1 - p) / (1 - p) per sample and channel; all zeros for p = 1
+        mask = h.new_zeros(h.shape[:2]) if p == 1 else h.new_empty(h.shape[:2]).bernoulli_(1 - p).div_(1 - p)
+        weight = linear.weight[..., 0].unsqueeze(0) * mask.unsqueeze(1)
+        return x + self.act2(pointwise_matmul(h, weight, linear.bias))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self._inplace_inference(x):
-            return self._fused_inference(x)
+        if not torch.jit.is_scripting():
+            if self._inplace_inference(x):
+                return self._fused_inference(x)
+            folded = self._dropout_folded(x)
+            if folded is not None:
+                return folded
         return x + self.act2(self.linear(self.drop(self.act1(self.conv(self.norm(x))))))
 
 

@@ -1,0 +1,114 @@
+"""CCNN's 1-D training paths: the depthwise bias folded into the pointwise conv's bias, and the channel dropout
+folded into the linear layer's weight (one per sample). Same values and gradients as the module path (float64),
+the same dropout masks from the same generator state, and the module path wherever a hook could tell."""
+import copy
+
+import pytest
+import timm
+import torch
+
+import dcls_timm.layers.flexconv as flexconv
+import dcls_timm.models.ccnn as ccnn
+from dcls_timm.layers import SeparableFlexConv, continuous_convs
+
+
+def _module_path(monkeypatch):
+    monkeypatch.setattr(ccnn.CCNNBlock, '_dropout_folded', lambda self, x: None)
+    monkeypatch.setattr(flexconv.SeparableFlexConv, '_bias_folded', lambda self, x: None)
+
+
+def _model(dropout=0.3, spread=False, fft='auto'):
+    torch.manual_seed(0)
+    model = timm.create_model('ccnn_4_140', width=8, hidden=8, data_dim=1, in_chans=1, dropout=dropout,
+                              fft=fft).double()
+    model(torch.randn(2, 1, 40, dtype=torch.float64))  # the one-time kernel-network rescale
+    with torch.no_grad():
+        for m in continuous_convs(model):
+            m.bias.uniform_(-1, 1)  # non-zero depthwise biases: the fold carries them through the pointwise conv
+            if spread:
+                m.mask_sigma.fill_(1.)
+    return model
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize('dropout', [0.3, 1.0, 0.])
+@pytest.mark.parametrize('fft, spread', [('never', False), ('auto', True)])  # direct causal convs, the FFT route
+def test_training_step_equals_the_module_path(dropout, fft, spread, monkeypatch):
+    model = _model(dropout, spread, fft)
+    reference = copy.deepcopy(model)
+    x = torch.randn(3, 1, 40, dtype=torch.float64)
+    folds = {'bias': [0], 'dropout': [0]}
+    for key, owner, name in (('bias', flexconv.SeparableFlexConv, '_bias_folded'),
+                             ('dropout', ccnn.CCNNBlock, '_dropout_folded')):
+        original = getattr(owner, name)
+
+        def counted(self, x, original=original, key=key):
+            out = original(self, x)
+            folds[key][0] += out is not None
+            return out
+        monkeypatch.setattr(owner, name, counted)
+    torch.manual_seed(1)
+    out = model(x)
+    out.square().sum().backward()
+    # every separable conv (stem and blocks) folds its bias; blocks fold a live dropout only
+    assert folds['bias'][0] == 1 + len(model.blocks)
+    assert folds['dropout'][0] == (len(model.blocks) if dropout else 0)
+    _module_path(monkeypatch)
+    torch.manual_seed(1)  # the same dropout masks
+    ref = reference(x)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    got, want = _grads(model), _grads(reference)
+    assert got.keys() == want.keys()
+    scale = max(g.abs().max() for g in want.values())
+    for name in want:  # relative to the largest gradient: the stem's biases feed a BatchNorm (zero gradient)
+        torch.testing.assert_close(got[name], want[name], rtol=1e-8, atol=1e-10 * scale, msg=name)
+
+
+def test_separable_bias_fold_without_pointwise_bias_and_without_autograd():
+    torch.manual_seed(0)
+    conv = SeparableFlexConv(4, 6, -1, dim=1, causal=True, bias=False).double()
+    with torch.no_grad():
+        conv.depthwise.bias.uniform_(-1, 1)
+    x = torch.randn(2, 4, 30, dtype=torch.float64)
+    with torch.no_grad():
+        assert conv._bias_folded(x) is not None
+        torch.testing.assert_close(conv(x), conv.pointwise(conv.depthwise(x)), rtol=1e-12, atol=1e-12)
+
+
+def test_hooks_eval_and_autocast_take_the_module_path():
+    model = _model()
+    x = torch.randn(2, 1, 40, dtype=torch.float64)
+    h = torch.randn(2, 8, 40, dtype=torch.float64)  # a block's input
+    block = model.blocks[0]
+    assert block._dropout_folded(h) is not None and block.conv._bias_folded(h) is not None
+    seen = []
+    handle = block.drop.register_forward_hook(lambda m, i, o: seen.append(o))
+    assert block._dropout_folded(h) is None  # the hook must see the dropout's output
+    model(x)
+    assert len(seen) == 1
+    handle.remove()
+    handle = block.conv.depthwise.register_forward_hook(lambda m, i, o: seen.append(o))
+    assert block.conv._bias_folded(h) is None  # ... and the depthwise conv's biased output
+    handle.remove()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert block._dropout_folded(h) is None and block.conv._bias_folded(h) is None
+    model.eval()
+    assert block._dropout_folded(h) is None  # no live dropout
+    assert block.conv._bias_folded(h) is not None  # the bias fold holds in eval mode with autograd too
+
+
+def test_baked_model_trains_on_the_module_path():
+    # bake_kernels makes the depthwise convs plain modules: no skip_bias to call, the module path serves
+    from dcls_timm.export import bake_kernels
+    model = _model().float()
+    baked = bake_kernels(model.eval(), sequence_length=40).train()
+    assert baked.blocks[0].conv._bias_folded(torch.randn(2, 8, 40)) is None
+    x = torch.randn(3, 1, 40)
+    torch.manual_seed(2)
+    out = baked(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and baked.blocks[0].linear.weight.grad is not None
