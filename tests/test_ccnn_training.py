@@ -1,6 +1,7 @@
-"""CCNN's 1-D training paths: the depthwise bias folded into the pointwise conv's bias, and the channel dropout
-folded into the linear layer's weight (one per sample). Same values and gradients as the module path (float64),
-the same dropout masks from the same generator state, and the module path wherever a hook could tell."""
+"""CCNN's 1-D training paths: the depthwise bias folded into the pointwise conv's bias, the channel dropout folded
+into the linear layer's weight (one per sample), the residual added in place. Same values and gradients as the module
+path (float64), the same dropout masks from the same generator state, and the module path wherever a hook could
+tell."""
 import copy
 
 import pytest
@@ -13,7 +14,7 @@ from dcls_timm.layers import SeparableFlexConv, continuous_convs
 
 
 def _module_path(monkeypatch):
-    monkeypatch.setattr(ccnn.CCNNBlock, '_dropout_folded', lambda self, x: None)
+    monkeypatch.setattr(ccnn.CCNNBlock, '_sequence_path', lambda self, x: None)
     monkeypatch.setattr(flexconv.SeparableFlexConv, '_bias_folded', lambda self, x: None)
 
 
@@ -34,15 +35,15 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize('dropout', [0.3, 1.0, 0.])
+@pytest.mark.parametrize('dropout, training', [(0.3, True), (1.0, True), (0., True), (0.3, False)])
 @pytest.mark.parametrize('fft, spread', [('never', False), ('auto', True)])  # direct causal convs, the FFT route
-def test_training_step_equals_the_module_path(dropout, fft, spread, monkeypatch):
-    model = _model(dropout, spread, fft)
+def test_training_step_equals_the_module_path(dropout, training, fft, spread, monkeypatch):
+    model = _model(dropout, spread, fft).train(training)  # eval: autograd without dropout (e.g. attributions)
     reference = copy.deepcopy(model)
     x = torch.randn(3, 1, 40, dtype=torch.float64)
-    folds = {'bias': [0], 'dropout': [0]}
+    folds = {'bias': [0], 'block': [0]}
     for key, owner, name in (('bias', flexconv.SeparableFlexConv, '_bias_folded'),
-                             ('dropout', ccnn.CCNNBlock, '_dropout_folded')):
+                             ('block', ccnn.CCNNBlock, '_sequence_path')):
         original = getattr(owner, name)
 
         def counted(self, x, original=original, key=key):
@@ -53,9 +54,9 @@ def test_training_step_equals_the_module_path(dropout, fft, spread, monkeypatch)
     torch.manual_seed(1)
     out = model(x)
     out.square().sum().backward()
-    # every separable conv (stem and blocks) folds its bias; blocks fold a live dropout only
+    # every separable conv (stem and blocks) folds its bias; every block takes the sequence path
     assert folds['bias'][0] == 1 + len(model.blocks)
-    assert folds['dropout'][0] == (len(model.blocks) if dropout else 0)
+    assert folds['block'][0] == len(model.blocks)
     _module_path(monkeypatch)
     torch.manual_seed(1)  # the same dropout masks
     ref = reference(x)
@@ -79,15 +80,18 @@ def test_separable_bias_fold_without_pointwise_bias_and_without_autograd():
         torch.testing.assert_close(conv(x), conv.pointwise(conv.depthwise(x)), rtol=1e-12, atol=1e-12)
 
 
-def test_hooks_eval_and_autocast_take_the_module_path():
+def test_hooks_autocast_and_other_layers_take_the_module_path():
     model = _model()
     x = torch.randn(2, 1, 40, dtype=torch.float64)
     h = torch.randn(2, 8, 40, dtype=torch.float64)  # a block's input
     block = model.blocks[0]
-    assert block._dropout_folded(h) is not None and block.conv._bias_folded(h) is not None
+    assert block._sequence_path(h) is not None and block.conv._bias_folded(h) is not None
     seen = []
+    for module in (block.drop, block.act2):  # hooks see the dropout's output, and the GELU's before the residual
+        handle = module.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+        assert block._sequence_path(h) is None
+        handle.remove()
     handle = block.drop.register_forward_hook(lambda m, i, o: seen.append(o))
-    assert block._dropout_folded(h) is None  # the hook must see the dropout's output
     model(x)
     assert len(seen) == 1
     handle.remove()
@@ -95,10 +99,10 @@ def test_hooks_eval_and_autocast_take_the_module_path():
     assert block.conv._bias_folded(h) is None  # ... and the depthwise conv's biased output
     handle.remove()
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert block._dropout_folded(h) is None and block.conv._bias_folded(h) is None
-    model.eval()
-    assert block._dropout_folded(h) is None  # no live dropout
-    assert block.conv._bias_folded(h) is not None  # the bias fold holds in eval mode with autograd too
+        assert block._sequence_path(h) is None and block.conv._bias_folded(h) is None
+    block.act2 = torch.nn.Tanh()  # its backward keeps its output: no residual added into it
+    assert block._sequence_path(h) is None
+    model(x).sum().backward()  # the module path: no in-place error
 
 
 def test_baked_model_trains_on_the_module_path():

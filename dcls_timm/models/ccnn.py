@@ -99,29 +99,32 @@ class CCNNBlock(nn.Module):
         return y.add_(x)
 
     @torch.jit.unused
-    def _dropout_folded(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """Sequences on CPU with live channel dropout: its mask, one value per sample and channel, scales the
-        input channels of the linear layer's weight, one weight per sample (``[B, C, C]``), so no activation-sized
-        multiply, forward or backward. The masks are those ``nn.Dropout1d`` draws from the same generator state
-        (float32 rounding). None where a hook could see the dropout's output."""
+    def _sequence_path(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Sequences on CPU outside the in-place inference path (training, autograd): a live channel dropout's
+        mask, one value per sample and channel, scales the input channels of the linear layer's weight, one weight
+        per sample (``[B, C, C]``), so no activation-sized multiply, forward or backward (the masks are those
+        ``nn.Dropout1d`` draws from the same generator state); the residual is added into the last GELU's output,
+        which its backward does not keep (no fresh activation-sized tensor). Float32 rounding. None where a hook
+        could see (or keep) an intermediate tensor."""
         drop, linear = self.drop, self.linear
-        if not self.fast_path or type(drop) is not nn.Dropout1d or not drop.training or drop.p == 0 \
+        if not self.fast_path or type(drop) is not nn.Dropout1d or type(self.act2) is not nn.GELU \
                 or type(linear) is not PointwiseConv1d or not linear._matmul_path(x) or not eager_unhooked(x, (self,)):
             return None
         h = self.act1(self.conv(self.norm(x)))
-        p = drop.p
-        # as F.dropout1d: bernoulli(1 - p) / (1 - p) per sample and channel; all zeros for p = 1
-        mask = h.new_zeros(h.shape[:2]) if p == 1 else h.new_empty(h.shape[:2]).bernoulli_(1 - p).div_(1 - p)
-        weight = linear.weight[..., 0].unsqueeze(0) * mask.unsqueeze(1)
-        return x + self.act2(pointwise_matmul(h, weight, linear.bias))
+        weight, p = linear.weight[..., 0], drop.p
+        if drop.training and p > 0:
+            # as F.dropout1d: bernoulli(1 - p) / (1 - p) per sample and channel; all zeros for p = 1
+            mask = h.new_zeros(h.shape[:2]) if p == 1 else h.new_empty(h.shape[:2]).bernoulli_(1 - p).div_(1 - p)
+            weight = weight.unsqueeze(0) * mask.unsqueeze(1)
+        return self.act2(pointwise_matmul(h, weight, linear.bias)).add_(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             if self._inplace_inference(x):
                 return self._fused_inference(x)
-            folded = self._dropout_folded(x)
-            if folded is not None:
-                return folded
+            out = self._sequence_path(x)
+            if out is not None:
+                return out
         return x + self.act2(self.linear(self.drop(self.act1(self.conv(self.norm(x))))))
 
 
