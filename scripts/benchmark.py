@@ -36,6 +36,7 @@ from timm.optim import create_optimizer_v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dcls_timm  # noqa: E402  (registers the models)
+from dcls_timm.cpu_memory import freed_memory_kept, keep_freed_memory  # noqa: E402
 from dcls_timm.layers import clamp_positions_, position_owners  # noqa: E402
 from dcls_timm.models.convnext_dcls import set_fused_mlp  # noqa: E402
 
@@ -202,6 +203,8 @@ def measure_memory(name: str, args, positions: str) -> int:
            '--batch-size', str(args.batch_size), '--img-size', str(args.img_size)]
     if args.threads:
         cmd += ['--threads', str(args.threads)]
+    if args.keep_cpu_memory:
+        cmd += ['--keep-cpu-memory']
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f'memory probe for {name} failed:\n{proc.stderr[-2000:]}')
@@ -251,7 +254,9 @@ def machine(device: torch.device) -> dict:
     if device.type == 'cuda':
         info['gpu'] = torch.cuda.get_device_name(device)
     # the CPU allocator changes both models' step times (page faults on every large tensor with glibc's)
-    info['allocator'] = ' '.join(f'{k}={os.environ[k]}' for k in ('LD_PRELOAD', 'MALLOC_CONF') if os.environ.get(k))
+    info['allocator'] = ' '.join([f'{k}={os.environ[k]}' for k in ('LD_PRELOAD', 'MALLOC_CONF', 'GLIBC_TUNABLES')
+                                  if os.environ.get(k)]
+                                 + (['glibc keeps freed memory (--keep-cpu-memory)'] if freed_memory_kept() else []))
     return info
 
 
@@ -328,6 +333,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: leave the default)')
+    parser.add_argument('--keep-cpu-memory', action='store_true',
+                        help="glibc keeps freed memory for reuse, as train.py does on CPU (dcls_timm.cpu_memory)")
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
     parser.add_argument('--no-fused-mlp', action='store_true',
                         help="ConvNeXt blocks with timm's MLP forward at inference (no fused oneDNN matmuls)")
@@ -341,6 +348,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args.positions = [p for p in args.positions.split(',') if p]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_cpu_memory:
+        keep_freed_memory()
     if args.memory_probe:
         return memory_probe(args)
     device = torch.device(args.device)

@@ -58,6 +58,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dcls_timm  # noqa: E402,F401  (registers the models)
+from dcls_timm.cpu_memory import keep_freed_memory  # noqa: E402
 from benchmark import _stats, inference_step, machine, ms_range, time_interleaved, write_results  # noqa: E402
 from fetch_authors_code import DEFAULT_DEST, REPOS, check as check_copy  # noqa: E402
 
@@ -441,7 +442,8 @@ def to_markdown(results: dict) -> str:
         f"Measured {m['date']} on {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads"
         + (f"; 1-min load average {results['load_average']['start']:.1f} at the start, "
            f"{results['load_average']['end']:.1f} at the end" if results.get('load_average') else '') + '); '
-        f"torch {m['torch']}, timm {m['timm']}, dcls_timm {m['dcls_timm']}; median of {results['repeats']} "
+        f"torch {m['torch']}, timm {m['timm']}, dcls_timm {m['dcls_timm']}; allocator: "
+        f"{m.get('allocator') or 'default'}; median of {results['repeats']} "
         f"repeats after {results['warmup']} warm-up step(s), ours and theirs alternating repeat by repeat "
         '(min–max in brackets).', '',
         f"Command: `{results['command']}`", '',
@@ -523,6 +525,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                         help='repeats of the one-layer check at the recipe batch (0: skip it)')
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: leave the default)')
+    parser.add_argument('--keep-cpu-memory', action='store_true',
+                        help='glibc keeps freed memory for reuse, for both sides (dcls_timm.cpu_memory)')
     parser.add_argument('--profile', action='store_true', help='also profile one step of each side')
     parser.add_argument('--authors-dir', default=str(DEFAULT_DEST))
     parser.add_argument('--json', default='')
@@ -534,6 +538,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         return write_results(results, to_markdown(results), '', args.markdown)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_cpu_memory:
+        keep_freed_memory()
     cases = [c for c in args.cases.split(',') if c]
     modes = [m for m in args.modes.split(',') if m]
     masks = [m for m in args.masks.split(',') if m]

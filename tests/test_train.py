@@ -53,8 +53,11 @@ def _sha(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def test_run_writes_outputs_and_plain_checkpoints(image_folder, tmp_path):
+def test_run_writes_outputs_and_plain_checkpoints(image_folder, tmp_path, monkeypatch):
+    kept = []
+    monkeypatch.setattr(main_module, 'keep_freed_memory', lambda: kept.append(1) or True)
     result = run(parse_args(_argv(image_folder, tmp_path)))
+    assert kept == [1]  # on CPU, freed memory is kept for reuse by default (dcls_timm.cpu_memory)
     out = tmp_path / 'run'
     assert result['output_dir'] == str(out) and result['epochs'] == 2
     for name in ['last.pth.tar', 'model_best.pth.tar', 'summary.csv', 'args.yaml', 'results.json']:
@@ -288,11 +291,13 @@ def test_learns_on_fashion_mnist(fashion_mnist_root, tmp_path):
     assert result['eval']['top1'] > 60  # 10 classes: chance is 10 %
 
 
-def test_flags_amp_bf16_channels_last_accumulation_layer_decay(image_folder, tmp_path):
+def test_flags_amp_bf16_channels_last_accumulation_layer_decay(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(main_module, 'keep_freed_memory', lambda: pytest.fail('--no-keep-cpu-memory'))
     result = run(parse_args(_argv(
         image_folder, tmp_path, '--epochs', '1', '--amp', '--amp-dtype', 'bfloat16', '--channels-last',
         '--grad-accum-steps', '2', '--layer-decay', '0.8', '--clip-grad', '1.0', '--drop-path', '0.1',
-        '--mixup', '0', '--cutmix', '0.5', '--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25')))
+        '--mixup', '0', '--cutmix', '0.5', '--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25',
+        '--no-keep-cpu-memory')))
     assert np.isfinite(result['eval']['loss'])
     header = (tmp_path / 'run' / 'summary.csv').read_text().splitlines()[0]
     assert 'train_lr_layer0_positions' not in header and 'positions' in header  # positions per layer-decay depth

@@ -17,6 +17,7 @@ from timm.data.transforms import MaybePILToTensor
 from timm.utils import ParseKwargs, init_distributed_device, setup_default_logging
 
 from dcls_timm.checkpoint import load_weights
+from dcls_timm.cpu_memory import keep_freed_memory
 from dcls_timm.errors import ConfigError, Interrupted, check_model_name
 from dcls_timm.layers import set_kernel_resolution
 
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('-j', '--workers', type=int, default=None,
                    help='DataLoader workers per process (default: the usable CPUs / processes per node, at most 8)')
     p.add_argument('--device', default=None)
+    p.add_argument('--keep-cpu-memory', action=argparse.BooleanOptionalAction, default=True,
+                   help='on CPU, glibc keeps freed memory for reuse (dcls_timm.cpu_memory)')
     p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
                    help='mixed precision (autocast with --amp-dtype); default: on for CUDA, off otherwise')
     p.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'])
@@ -237,6 +240,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = init_distributed_device(args)
+    if device.type == 'cpu' and args.keep_cpu_memory:
+        keep_freed_memory()
     primary = args.rank == 0
     cuda = device.type == 'cuda'
     amp = cuda if args.amp is None else args.amp

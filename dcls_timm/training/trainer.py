@@ -22,6 +22,7 @@ from timm.utils import (
 )
 
 from dcls_timm.checkpoint import load_into, load_weights, pick_weights
+from dcls_timm.cpu_memory import keep_freed_memory
 from dcls_timm.errors import ConfigError, check_model_name
 from dcls_timm.recipe import CompositeRecipe, DclsRecipe, FlexConvRecipe, L2PenaltyRecipe, PositionMonitor
 
@@ -173,6 +174,9 @@ def run(args: Any) -> Dict[str, Any]:
     check_model_name(args.model)
     device = init_distributed_device(args)
     primary = args.rank == 0
+    if device.type == 'cpu' and args.keep_cpu_memory and keep_freed_memory() and primary:
+        _logger.info('CPU: freed memory is kept for reuse (dcls_timm.cpu_memory; --no-keep-cpu-memory to leave '
+                     'the C library as it is).')
     random_seed(args.seed, args.rank)
     # data first: a wrong path fails before a large model is built
     dataset_train = build_dataset(args, args.train_split, is_training=True, subset=args.train_subset)
