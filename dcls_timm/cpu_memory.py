@@ -9,8 +9,9 @@ what the last one freed: the process keeps its peak memory instead of returning 
 does not grow). ``train.py`` and ``validate.py`` do this on CPU unless told ``--no-keep-cpu-memory``; for other
 programs, ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647`` is the same setting.
 
-Measured (``python scripts/benchmark.py ... --keep-cpu-memory``, docs/benchmarks.md): CPU training steps 1.2-2x
-faster on the 2-core VM, most where activations are large (CCNN's sequence models).
+Measured with ``python scripts/benchmark_cpu_memory.py`` (README, docs/benchmarks.md): CCNN-4,140 sMNIST training
+steps 1.9x and ConvNeXt-T-dcls ones 1.24x faster on the 2-core VM in an hour when page faults were slow; as fast as
+without in an hour when they were not.
 """
 import ctypes
 import ctypes.util

@@ -96,3 +96,11 @@ def test_benchmark_rejects_unknown_models():
     proc = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--pairs', 'convnext_tiny_dclz:x'],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "unknown model 'convnext_tiny_dclz'" in proc.stderr
+
+
+def test_benchmark_cpu_memory_runs_both_allocators():
+    out = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark_cpu_memory.py'), '--model-kwargs',
+                          'data_dim=1', 'in_chans=1', 'width=8', 'hidden=8', '--input-size', '1', '32',
+                          '--batch-size', '2', '--steps', '1', '--rounds', '1'],
+                         capture_output=True, text=True, check=True).stdout
+    assert 'median ratio default / kept' in out and out.count('ratio') == 2

@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""CPU training steps with glibc's default allocator against freed memory kept for reuse
+(``dcls_timm.cpu_memory.keep_freed_memory``, what train.py does on CPU).
+
+The setting is process-wide, so each measurement is a fresh process: ``--rounds`` pairs of processes, default and
+kept alternating, each timing ``--steps`` training steps (forward, cross-entropy, backward, Adam) after two warm-up
+steps and printing their median. The ratio is default / kept per pair (> 1: keeping is faster).
+
+    python scripts/benchmark_cpu_memory.py                                      # CCNN-4,140 sMNIST, batch 100
+    python scripts/benchmark_cpu_memory.py --model convnext_tiny_dcls --input-size 3 224 224 --batch-size 8
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Optional, Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.utils import ParseKwargs
+
+import dcls_timm  # noqa: F401  (registers the models)
+from dcls_timm.cpu_memory import keep_freed_memory
+
+
+def child(args) -> None:
+    kept = keep_freed_memory() if args.child == 'kept' else False
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, **args.model_kwargs).train()
+    x = torch.randn(args.batch_size, *args.input_size)
+    y = torch.randint(0, model.num_classes, (args.batch_size,))
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    print(json.dumps({'mode': args.child, 'kept': kept, 'ms': statistics.median(times) * 1e3}))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', default='ccnn_4_140')
+    parser.add_argument('--model-kwargs', nargs='*', default={'data_dim': 1, 'in_chans': 1}, action=ParseKwargs)
+    parser.add_argument('--input-size', type=int, nargs='+', default=[1, 784])
+    parser.add_argument('--batch-size', type=int, default=100)
+    parser.add_argument('--steps', type=int, default=7)
+    parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--child', choices=['default', 'kept'], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args)
+        return {}
+    base = [sys.executable, __file__, '--model', args.model, '--input-size', *map(str, args.input_size),
+            '--batch-size', str(args.batch_size), '--steps', str(args.steps), '--model-kwargs',
+            *[f'{k}={v}' for k, v in args.model_kwargs.items()]]
+    rows = []
+    for _ in range(args.rounds):
+        pair = {}
+        for mode in ('default', 'kept'):
+            out = subprocess.run(base + ['--child', mode], capture_output=True, text=True, check=True)
+            pair[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        if not pair['kept']['kept']:
+            raise SystemExit('glibc did not accept the settings here (not glibc?): nothing to compare.')
+        rows.append({'default_ms': pair['default']['ms'], 'kept_ms': pair['kept']['ms'],
+                     'ratio': pair['default']['ms'] / pair['kept']['ms']})
+        print(f"default {rows[-1]['default_ms']:.0f} ms, kept {rows[-1]['kept_ms']:.0f} ms, "
+              f"ratio {rows[-1]['ratio']:.2f}", flush=True)
+    result = {'model': args.model, 'model_kwargs': args.model_kwargs, 'batch_size': args.batch_size,
+              'rounds': rows, 'median_ratio': statistics.median(r['ratio'] for r in rows)}
+    print(f"{args.model}: median ratio default / kept {result['median_ratio']:.2f} over {args.rounds} rounds")
+    return result
+
+
+if __name__ == '__main__':
+    main()
