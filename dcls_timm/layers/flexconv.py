@@ -33,8 +33,7 @@ from .fused import eager_unhooked
 from .pointwise import PointwiseConv1d, pointwise_conv, pointwise_matmul
 
 __all__ = ['CKConv', 'FlexConv', 'SeparableFlexConv', 'fft_conv', 'causal_conv1d', 'affine_input_conv',
-           'continuous_convs',
-           'set_kernel_resolution', 'anti_aliasing_loss', 'MASK_THRESHOLD']
+           'continuous_convs', 'set_kernel_resolution', 'anti_aliasing_loss', 'MASK_THRESHOLD']
 
 MASK_THRESHOLD = 0.1
 _MASK_RADIUS = math.sqrt(-2 * math.log(MASK_THRESHOLD))  # |x - mu| <= sigma * 2.146 where the mask exceeds 0.1
