@@ -2,11 +2,9 @@
 
 glibc's ``malloc`` serves blocks above its mmap threshold (at most 32 MB, 128 KB to start with) with fresh ``mmap``
 pages and returns them to the kernel on ``free``: every training step then faults in, page by page, the memory of
-every large activation and gradient again. On a small VM that is a large share of a CPU step (measured on this
-project's 2-core VM: a fresh ``[100, 140, 784]`` float32 tensor filled in 15 ms, a reused one in 3 ms).
+every large activation and gradient again. On a small VM that can be a large share of a CPU step.
 :func:`keep_freed_memory` makes glibc serve large blocks from its heap and never trim it, so the next step reuses
-what the last one freed: the process keeps its peak memory instead of returning it between steps (the peak itself
-does not grow). ``train.py`` and ``validate.py`` do this on CPU unless told ``--no-keep-cpu-memory``; for other
+what the last one freed: the process keeps its peak memory instead of returning it between steps. ``train.py`` and ``validate.py`` do this on CPU unless told ``--no-keep-cpu-memory``; for other
 programs, ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647`` is the same setting.
 
 Measured with ``python scripts/benchmark_cpu_memory.py`` (README, docs/benchmarks.md): CCNN-4,140 sMNIST training

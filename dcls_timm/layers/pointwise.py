@@ -42,6 +42,7 @@ def pointwise_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         return torch.bmm(weight, x)
     return torch.baddbmm(bias.view(1, -1, 1).expand(b, -1, length), weight, x)
 
+
 def pointwise_conv(dim: int, in_channels: int, out_channels: int, bias: bool = True, device=None,
                    dtype=None) -> nn.Module:
     """A 1x1 convolution over ``dim`` spatial dimensions: :class:`PointwiseConv1d` for sequences, else

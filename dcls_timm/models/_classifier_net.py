@@ -172,8 +172,11 @@ class StemBlocksClassifier(nn.Module):
             return intermediates
         return self.norm(x), intermediates
 
+    def _trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(self._input(x)))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.blocks(self.stem(self._input(x))))
+        return self.norm(self._trunk(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
@@ -200,7 +203,7 @@ class StemBlocksClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            features = self.blocks(self.stem(self._input(x)))
+            features = self._trunk(x)
             logits = self._pooled_norm_head(features)
             return logits if logits is not None else self.forward_head(self.norm(features))
         return self.forward_head(self.forward_features(x))
