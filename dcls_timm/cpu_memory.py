@@ -30,6 +30,7 @@ def _glibc() -> Optional[ctypes.CDLL]:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
         libc.gnu_get_libc_version  # glibc only: other C libraries' mallopt is absent or does nothing
+        libc.mallopt
         return libc
     except (OSError, AttributeError):
         return None

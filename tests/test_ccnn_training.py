@@ -116,3 +116,55 @@ def test_baked_model_trains_on_the_module_path():
     out = baked(x)
     out.sum().backward()
     assert torch.isfinite(out).all() and baked.blocks[0].linear.weight.grad is not None
+
+
+def test_backward_hooks_take_the_module_path(monkeypatch):
+    # a skipped module call would skip its backward hooks, and whatever they do to the gradients
+    model = _model()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 1, 40, dtype=torch.float64)
+    h = torch.randn(2, 8, 40, dtype=torch.float64)
+    block = model.blocks[0]
+
+    def halve(module, grad_input, grad_output):
+        return tuple(None if g is None else g / 2 for g in grad_input)
+    for name in ('linear', 'drop', 'conv.pointwise', 'act2'):
+        for kind in ('register_full_backward_hook', 'register_backward_hook', 'register_full_backward_pre_hook'):
+            fresh = copy.deepcopy(block)  # a module takes old-style or full backward hooks, not both in turn
+            getattr(fresh.get_submodule(name), kind)(halve if 'pre' not in kind else lambda m, g: (g[0] / 2,))
+            assert fresh._sequence_path(h) is None
+            assert (fresh.conv._bias_folded(h) is None) == (name == 'conv.pointwise')
+            with torch.no_grad():  # no backward: nothing a hook could see
+                assert fresh.conv._bias_folded(h) is not None
+    handle = torch.nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: None)
+    assert block._sequence_path(h) is None and block.conv._bias_folded(h) is None
+    model(x).sum().backward()  # the module path: no in-place change of a hooked GELU's output
+    handle.remove()
+    # a hook that changes the gradients: the same gradients as the module path with the same hook
+    model.zero_grad()
+    calls = []
+    for net in (model, reference):
+        net.blocks[0].linear.register_full_backward_hook(lambda m, gi, go: calls.append(m) or (gi[0] / 2,))
+    torch.manual_seed(1)
+    model(x).square().sum().backward()
+    _module_path(monkeypatch)
+    torch.manual_seed(1)
+    reference(x).square().sum().backward()
+    assert len(calls) == 2
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_bias_fold_keeps_the_module_path_for_mixed_dtypes_and_invalid_dropout():
+    torch.manual_seed(0)
+    conv = SeparableFlexConv(4, 6, -1, dim=1, causal=True)
+    conv.depthwise.double()
+    x = torch.randn(2, 4, 30)
+    assert conv._bias_folded(x) is None
+    assert conv(x).dtype == conv.pointwise(conv.depthwise(x)).dtype
+    model = _model()
+    block = model.blocks[0]
+    block.drop.p = -0.1  # set after construction: the module's own error, not a silently skipped dropout
+    with pytest.raises(ValueError, match='dropout probability'):
+        block(torch.randn(2, 8, 40, dtype=torch.float64))

@@ -178,6 +178,14 @@ def test_empty_data_dir_and_config_errors(tmp_path):
         parse_args(['-c', str(cfg)])
     with pytest.raises(ConfigError, match='Config file not found'):
         parse_args(['-c', str(tmp_path / 'missing.yaml')])
+    # on/off flags: a quoted "false" (a non-empty string) is off, not on; anything not a switch value is an error
+    cfg.write_text('keep_cpu_memory: "false"\namp: "Yes"\nchannels-last: 0\nsync_bn: 1\n')
+    args = parse_args(['-c', str(cfg)])
+    assert (args.keep_cpu_memory, args.amp, args.channels_last, args.sync_bn) == (False, True, False, True)
+    assert parse_args(['-c', str(cfg), '--keep-cpu-memory']).keep_cpu_memory is True  # the command line wins
+    cfg.write_text('pretrained: "maybe"\n')
+    with pytest.raises(ConfigError, match="'pretrained' in .* is an on/off flag"):
+        parse_args(['-c', str(cfg)])
 
 
 def _write_debian_fashion_mnist(source: Path, n_train: int = 20, n_test: int = 10):

@@ -223,6 +223,11 @@ def _unit_order(key: str):
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
+    """Evaluate with parsed arguments (the suites in ``args.suite``); returns the results.
+
+    On CPU (unless ``keep_cpu_memory`` is off) this changes the C library's allocator settings for the whole
+    calling process (:func:`dcls_timm.cpu_memory.keep_freed_memory`), not only for the evaluation.
+    """
     suites = [s.strip() for s in args.suite.split(',') if s.strip()]
     unknown = [s for s in suites if s not in SUITES]
     if unknown or not suites:

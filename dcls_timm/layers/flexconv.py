@@ -564,6 +564,10 @@ class SeparableFlexConv(nn.Module):
                 or not pointwise._matmul_path(x) or not eager_unhooked(x, (self,)):
             return None
         weight = pointwise.weight[..., 0]
+        # one dtype throughout: the module path casts between layers of different dtypes, the fold would mix them
+        if any(t.dtype != x.dtype for t in (weight, depthwise.bias) + (() if pointwise.bias is None
+                                                                          else (pointwise.bias,))):
+            return None
         bias = weight @ depthwise.bias if pointwise.bias is None else torch.addmv(pointwise.bias, weight,
                                                                                    depthwise.bias)
         return pointwise_matmul(depthwise(x, skip_bias=True), weight, bias)

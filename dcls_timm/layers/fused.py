@@ -73,17 +73,23 @@ def fused_ops_available() -> bool:
 
 
 def eager_unhooked(x: torch.Tensor, modules: Sequence[nn.Module]) -> bool:
-    """Eager execution without autocast, with no forward hook that could see (or miss) ``modules`` (and their
+    """Eager execution without autocast, with no module hook that could see (or miss) ``modules`` (and their
     submodules): the condition for a path that computes what those modules compute, with or without autograd,
     without calling them. False under FX, tracing, compiling, forward-mode AD, torch.func transforms and autocast,
-    and while any module hook, local or global, is set."""
+    and while any forward hook, local or global, is set; with autograd on, also while any backward hook is set
+    (a skipped module call would skip the hook, and with it whatever it does to the gradients)."""
     if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling() \
             or torch.is_autocast_enabled() or torch.is_autocast_enabled('cpu') \
             or autograd_function_unsupported():  # oneDNN's fused ops carry no tangents and have no batching rule
         return False
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for mod in modules for m in mod.modules())
+    backward = torch.is_grad_enabled()
+    if backward and (_module._global_backward_hooks or _module._global_backward_pre_hooks):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks
+                   or (backward and (m._backward_hooks or m._backward_pre_hooks))
+                   for mod in modules for m in mod.modules())
 
 
 def eager_inference(x: torch.Tensor, modules: Sequence[nn.Module]) -> bool:

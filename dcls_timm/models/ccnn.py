@@ -108,7 +108,8 @@ class CCNNBlock(nn.Module):
         could see (or keep) an intermediate tensor."""
         drop, linear = self.drop, self.linear
         if not self.fast_path or type(drop) is not nn.Dropout1d or type(self.act2) is not nn.GELU \
-                or type(linear) is not PointwiseConv1d or not linear._matmul_path(x) or not eager_unhooked(x, (self,)):
+                or type(linear) is not PointwiseConv1d or not linear._matmul_path(x) or not eager_unhooked(x, (self,)) \
+                or not 0. <= drop.p <= 1.:  # the module raises its own error for an invalid p
             return None
         h = self.act1(self.conv(self.norm(x)))
         weight, p = linear.weight[..., 0], drop.p

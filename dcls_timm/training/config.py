@@ -177,12 +177,33 @@ def _check_config_keys(config: Dict[str, Any], parser: argparse.ArgumentParser, 
         raise ConfigError(f'Unknown key(s) in {source}: {", ".join(hints)}.')
 
 
+_TRUE, _FALSE = ('true', 'yes', 'on', '1'), ('false', 'no', 'off', '0')
+
+
+def _coerce_switches(config: Dict[str, Any], parser: argparse.ArgumentParser, source: str) -> Dict[str, Any]:
+    """On/off flags given as YAML strings or 0/1 as booleans: a quoted ``"false"`` is a non-empty string, which
+    argparse would take as on. Anything else that is not a boolean is an error."""
+    switches = {a.dest for a in parser._actions
+                if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                                  argparse.BooleanOptionalAction))}
+    out = dict(config)
+    for key, value in config.items():
+        if key not in switches or isinstance(value, bool):
+            continue
+        text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+        if text in _TRUE or text in _FALSE:
+            out[key] = text in _TRUE
+        else:
+            raise ConfigError(f"'{key}' in {source} is an on/off flag: give true or false, got {value!r}.")
+    return out
+
+
 def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str, Any]] = None) -> argparse.Namespace:
     """Parse ``argv``: built-in defaults < ``defaults`` < YAML config (``-c``) < command line."""
     parser = build_parser()
     if defaults:
         _check_config_keys(defaults, parser, 'defaults')
-        parser.set_defaults(**defaults)
+        parser.set_defaults(**_coerce_switches(defaults, parser, 'defaults'))
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         try:
@@ -194,6 +215,6 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str
             raise ConfigError(f'Config {pre.config} must be a mapping of flag names to values.')
         config = {k.replace('-', '_'): v for k, v in config.items()}
         _check_config_keys(config, parser, pre.config)
-        parser.set_defaults(**config)
+        parser.set_defaults(**_coerce_switches(config, parser, pre.config))
     args = parser.parse_args(argv)
     return args

@@ -166,7 +166,11 @@ def build_model(args: Any) -> nn.Module:
 
 
 def run(args: Any) -> Dict[str, Any]:
-    """Train with parsed arguments; returns the final metrics and where the outputs are."""
+    """Train with parsed arguments; returns the final metrics and where the outputs are.
+
+    On CPU (unless ``keep_cpu_memory`` is off) this changes the C library's allocator settings for the whole
+    calling process (:func:`dcls_timm.cpu_memory.keep_freed_memory`), not only for the training run.
+    """
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if args.grad_accum_steps < 1:
