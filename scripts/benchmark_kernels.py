@@ -12,18 +12,22 @@ kernels cropped to the map) with F.conv2d.
     python scripts/benchmark_kernels.py --conv --kernel 23 --repeats 5   # the gauss models' 23x23 grid
     python scripts/benchmark_kernels.py --widths --repeats 7      # oneDNN depthwise speed by kernel width
     python scripts/benchmark_kernels.py --pointwise --repeats 7   # 1x1 convs over sequences (CCNN 1-D)
+    python scripts/benchmark_kernels.py --ceilings --repeats 7    # the ops both sides of benchmark_authors share
+    python scripts/benchmark_kernels.py --ceilings --repeats 7 --keep-cpu-memory   # ... without page faults
 """
 import argparse
 import json
 import logging
 import platform
 import statistics
+import sys
 import time
 
 import timm
 import torch
 
 import dcls_timm  # noqa: F401  (registers the models)
+from dcls_timm.cpu_memory import keep_freed_memory
 from dcls_timm.layers import construct_kernel, dcls_layers
 
 
@@ -160,6 +164,63 @@ def _pointwise_table(repeats: int, batch: int = 100, channels: int = 140, length
     return {'rows': rows, 'batch': batch, 'channels': channels, 'length': length}
 
 
+def _ceilings_table(repeats: int, scale: float = 1.0) -> dict:
+    """What this CPU gives the operations both sides of ``benchmark_authors.py`` share (GMAC/s, or ms for FFTs):
+    a large matmul for reference, FlexNet's 5x5 convolutions (channels-last, forward, input and weight gradient),
+    CCNN's 1x1 convolutions at width 140 in every formulation at hand, and the FFTs of CCNN's 1-D causal
+    convolutions. ``scale`` shrinks the batches (tests)."""
+    import torch.nn.functional as F
+    mkldnn = torch.ops.mkldnn
+    back = torch.ops.aten.convolution_backward
+
+    def timed(fn):
+        return statistics.median(_measure(fn, repeats))
+    rows = []
+
+    def add(group, op, shape, macs, fn):
+        t = timed(fn)
+        rows.append({'group': group, 'op': op, 'shape': shape, 'ms': 1e3 * t,
+                     'gmac_s': macs / t / 1e9 if macs else None})
+    n = max(64, int(2048 * scale) // 64 * 64)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    add('reference', 'matmul (MKL sgemm)', f'{n}x{n}x{n}', n ** 3, lambda: a @ b)
+    batch = max(1, int(64 * scale))
+    for c in (24, 36, 48):  # FlexNet-7's widths, 32x32 maps, 5x5 kernels at init
+        x = torch.randn(batch, c, 32, 32).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(c, c, 5, 5)
+        g = F.conv2d(x, w, padding=2)
+        macs, shape = batch * c * c * 25 * 1024, f'[{batch}, {c}, 32, 32], 5x5'
+        add('FlexNet 5x5 conv', 'forward', shape, macs, lambda: F.conv2d(x, w, padding=2))
+        for name, mask in (('input gradient', [True, False, False]), ('weight gradient', [False, True, False])):
+            add('FlexNet 5x5 conv', name, shape, macs,
+                lambda: back(g, x, w, None, [1, 1], [2, 2], [1, 1], False, [0, 0], 1, mask))
+    c = 140
+    x2 = torch.randn(batch, c, 32, 32).contiguous(memory_format=torch.channels_last)
+    x2_nchw = x2.contiguous()
+    w2, b2 = torch.randn(c, c, 1, 1) * 0.05, torch.randn(c)
+    add('CCNN 1x1 conv, 2-D', 'oneDNN conv + GELU (ours)', f'[{batch}, {c}, 32, 32]', batch * 1024 * c * c,
+        lambda: mkldnn._convolution_pointwise(x2, w2, b2, [0, 0], [1, 1], [1, 1], 1, 'gelu', [], 'none'))
+    add('CCNN 1x1 conv, 2-D', 'F.conv2d NCHW (theirs)', f'[{batch}, {c}, 32, 32]', batch * 1024 * c * c,
+        lambda: F.conv2d(x2_nchw, w2, b2))
+    seq, length = max(1, int(100 * scale)), 784
+    x1 = torch.randn(seq, c, length)
+    x1t = x1.transpose(1, 2).contiguous()
+    w1 = w2.view(c, c)
+    macs, shape = seq * length * c * c, f'[{seq}, {c}, {length}]'
+    add('CCNN 1x1 conv, 1-D', 'batched matmul (ours)', shape, macs, lambda: torch.baddbmm(b2.view(1, c, 1),
+                                                                                       w1.expand(seq, c, c), x1))
+    add('CCNN 1x1 conv, 1-D', 'oneDNN linear, [B*L, C] layout', shape, macs,
+        lambda: mkldnn._linear_pointwise(x1t, w1, b2, 'none', [], ''))
+    add('CCNN 1x1 conv, 1-D', 'F.conv1d (theirs)', shape, macs, lambda: F.conv1d(x1, w2.view(c, c, 1), b2))
+    for size in (864, 1600):  # 784 steps with 65 taps (init) and with 784 taps (spread), 2-3-5-smooth lengths
+        signal = torch.randn(seq * c, size)
+        spectrum = torch.fft.rfft(signal)
+        add('CCNN 1-D causal conv FFTs', 'rfft', f'[{seq * c}, {size}]', 0, lambda: torch.fft.rfft(signal))
+        add('CCNN 1-D causal conv FFTs', 'irfft', f'[{seq * c}, {size}]', 0,
+            lambda: torch.fft.irfft(spectrum, n=size))
+    return {'rows': rows}
+
+
 def _print_table(title: str, columns, rows, cells) -> None:
     """A markdown table: ``cells(row)`` gives each row's column strings."""
     print(title)
@@ -181,11 +242,26 @@ def main():
                         help='depthwise conv inference by kernel shape (oneDNN is slow at widths 11-13)')
     parser.add_argument('--pointwise', action='store_true',
                         help='1x1 conv over sequences (CCNN sMNIST shape): F.conv1d vs PointwiseConv1d')
+    parser.add_argument('--ceilings', action='store_true',
+                        help="this CPU's throughput on the operations both sides of benchmark_authors.py share")
+    parser.add_argument('--keep-cpu-memory', action='store_true',
+                        help="glibc keeps freed memory for reuse, as train.py does on CPU (dcls_timm.cpu_memory)")
+    parser.add_argument('--scale', type=float, default=1.0, help=argparse.SUPPRESS)  # smaller batches (tests)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_cpu_memory:
+        keep_freed_memory()
     threads = f'{torch.get_num_threads()} threads, median of {args.repeats}'
-    if args.pointwise:
+    if args.ceilings:
+        from benchmark import machine
+        table = dict(_ceilings_table(args.repeats, args.scale), machine=machine(torch.device('cpu')),
+                     command='python ' + ' '.join(sys.argv))
+        allocator = table['machine']['allocator'] or 'default allocator'
+        _print_table(f"shared operations, {table['machine']['cpu']}, {threads}, {allocator}", ['group', 'op', 'shape', 'ms', 'GMAC/s'], table['rows'],
+                     lambda r: [r['group'], r['op'], r['shape'], f"{r['ms']:.1f}",
+                                '' if r['gmac_s'] is None else f"{r['gmac_s']:.0f}"])
+    elif args.pointwise:
         table = _pointwise_table(args.repeats)
         _print_table(f"1x1 conv over sequences [{table['batch']}, {table['channels']}, {table['length']}], {threads}",
                      ['route', 'inference ms', 'forward + backward ms'], table['rows'],
@@ -206,7 +282,7 @@ def main():
                      ['stage shape (C, H=W)', 'F.conv2d ms', 'fast path ms', 'fast path, FFT weight gradient ms',
                       'ConvNeXt-T 7x7 F.conv2d ms'], rows,
                      lambda r: [r['label']] + [f'{1e3 * r[k]:.0f}' for k in columns])
-    if args.widths or args.conv or args.pointwise:
+    if args.widths or args.conv or args.pointwise or args.ceilings:
         if args.json:
             with open(args.json, 'w') as f:
                 json.dump(table, f, indent=2)

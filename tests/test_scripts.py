@@ -51,6 +51,22 @@ def test_benchmark_pointwise_table_runs(tmp_path):
     assert '| PointwiseConv1d |' in proc.stdout
 
 
+def test_benchmark_ceilings_table_runs(tmp_path):
+    out = tmp_path / 'ceilings.json'
+    proc = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark_kernels.py'), '--ceilings', '--repeats',
+                           '1', '--scale', '0.02', '--keep-cpu-memory', '--json', str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    table = json.loads(out.read_text())
+    groups = {r['group'] for r in table['rows']}
+    assert groups == {'reference', 'FlexNet 5x5 conv', 'CCNN 1x1 conv, 2-D', 'CCNN 1x1 conv, 1-D',
+                      'CCNN 1-D causal conv FFTs'}
+    assert all(r['ms'] > 0 and (r['gmac_s'] is None) == (r['group'] == 'CCNN 1-D causal conv FFTs')
+               for r in table['rows'])
+    assert 'keeps freed memory' in table['machine']['allocator'] and '--ceilings' in table['command']
+    assert '| FlexNet 5x5 conv | weight gradient |' in proc.stdout
+
+
 def _benchmark(tmp_path, *args, timeout=600):
     out, md = tmp_path / 'bench.json', tmp_path / 'bench.md'
     proc = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--img-size', '32',
