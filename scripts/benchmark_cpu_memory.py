@@ -1,16 +1,20 @@
 #!/usr/bin/env python
-"""CPU training steps with glibc's default allocator against freed memory kept for reuse
-(``dcls_timm.cpu_memory.keep_freed_memory``, what train.py does on CPU).
+"""CPU training steps (or inference forwards) with glibc's default allocator against freed memory kept for reuse
+(``dcls_timm.cpu_memory.keep_freed_memory``, what train.py and validate.py do on CPU).
 
 The setting is process-wide, so each measurement is a fresh process: ``--rounds`` pairs of processes, default and
-kept alternating, each timing ``--steps`` training steps (forward, cross-entropy, backward, Adam) after two warm-up
-steps and printing their median. The ratio is default / kept per pair (> 1: keeping is faster).
+kept alternating, each timing ``--steps`` training steps (forward, cross-entropy, backward, Adam; ``--mode infer``:
+``inference_mode`` forwards in eval mode) after two warm-up steps and printing their median and the page faults per
+step (minor faults: fresh pages the kernel maps and zeroes). The ratio is default / kept per pair (> 1: keeping is
+faster).
 
     python scripts/benchmark_cpu_memory.py                                      # CCNN-4,140 sMNIST, batch 100
     python scripts/benchmark_cpu_memory.py --model convnext_tiny_dcls --input-size 3 224 224 --batch-size 8
+    python scripts/benchmark_cpu_memory.py --mode infer --model-kwargs --input-size 3 32 32 --batch-size 64
 """
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -29,23 +33,29 @@ from dcls_timm.cpu_memory import keep_freed_memory
 def child(args) -> None:
     kept = keep_freed_memory() if args.child == 'kept' else False
     torch.manual_seed(0)
-    model = timm.create_model(args.model, **args.model_kwargs).train()
+    model = timm.create_model(args.model, **args.model_kwargs).train(args.mode == 'train')
     x = torch.randn(args.batch_size, *args.input_size)
     y = torch.randint(0, model.num_classes, (args.batch_size,))
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
 
     def step():
+        if args.mode == 'infer':
+            with torch.inference_mode():
+                model(x)
+            return
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
     for _ in range(2):
         step()
     times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(args.steps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    print(json.dumps({'mode': args.child, 'kept': kept, 'ms': statistics.median(times) * 1e3}))
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
+    print(json.dumps({'mode': args.child, 'kept': kept, 'ms': statistics.median(times) * 1e3, 'faults': faults}))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -56,13 +66,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument('--batch-size', type=int, default=100)
     parser.add_argument('--steps', type=int, default=7)
     parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--mode', choices=['train', 'infer'], default='train')
+    parser.add_argument('--json', default='', help='write the results to this JSON file')
     parser.add_argument('--child', choices=['default', 'kept'], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(args)
         return {}
     base = [sys.executable, __file__, '--model', args.model, '--input-size', *map(str, args.input_size),
-            '--batch-size', str(args.batch_size), '--steps', str(args.steps), '--model-kwargs',
+            '--batch-size', str(args.batch_size), '--steps', str(args.steps), '--mode', args.mode, '--model-kwargs',
             *[f'{k}={v}' for k, v in args.model_kwargs.items()]]
     rows = []
     for _ in range(args.rounds):
@@ -73,12 +85,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if not pair['kept']['kept']:
             raise SystemExit('glibc did not accept the settings here (not glibc?): nothing to compare.')
         rows.append({'default_ms': pair['default']['ms'], 'kept_ms': pair['kept']['ms'],
-                     'ratio': pair['default']['ms'] / pair['kept']['ms']})
-        print(f"default {rows[-1]['default_ms']:.0f} ms, kept {rows[-1]['kept_ms']:.0f} ms, "
-              f"ratio {rows[-1]['ratio']:.2f}", flush=True)
+                     'ratio': pair['default']['ms'] / pair['kept']['ms'],
+                     'default_faults': pair['default']['faults'], 'kept_faults': pair['kept']['faults']})
+        print(f"default {rows[-1]['default_ms']:.0f} ms ({rows[-1]['default_faults']:.0f} page faults a step), "
+              f"kept {rows[-1]['kept_ms']:.0f} ms ({rows[-1]['kept_faults']:.0f}), ratio {rows[-1]['ratio']:.2f}",
+              flush=True)
     result = {'model': args.model, 'model_kwargs': args.model_kwargs, 'batch_size': args.batch_size,
-              'rounds': rows, 'median_ratio': statistics.median(r['ratio'] for r in rows)}
-    print(f"{args.model}: median ratio default / kept {result['median_ratio']:.2f} over {args.rounds} rounds")
+              'input_size': args.input_size, 'mode': args.mode, 'command': 'python ' + ' '.join(sys.argv),
+              'date': time.strftime('%Y-%m-%dT%H:%M:%S'), 'rounds': rows,
+              'median_ratio': statistics.median(r['ratio'] for r in rows)}
+    print(f"{args.model} {args.mode}: median ratio default / kept {result['median_ratio']:.2f} over "
+          f"{args.rounds} rounds")
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(result, f, indent=2)
     return result
 
 

@@ -120,3 +120,14 @@ def test_benchmark_cpu_memory_runs_both_allocators():
                           '--batch-size', '2', '--steps', '1', '--rounds', '1'],
                          capture_output=True, text=True, check=True).stdout
     assert 'median ratio default / kept' in out and out.count('ratio') == 2
+
+
+def test_benchmark_cpu_memory_inference_with_page_faults(tmp_path):
+    path = tmp_path / 'memory.json'
+    subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark_cpu_memory.py'), '--mode', 'infer',
+                    '--model-kwargs', 'width=8', 'hidden=8', '--input-size', '3', '16', '16', '--batch-size', '2',
+                    '--steps', '1', '--rounds', '1', '--json', str(path)], capture_output=True, text=True, check=True)
+    result = json.loads(path.read_text())
+    assert result['mode'] == 'infer' and result['model_kwargs'] == {'width': 8, 'hidden': 8}
+    row, = result['rounds']
+    assert row['default_ms'] > 0 and row['kept_ms'] > 0 and row['default_faults'] >= 0 and row['kept_faults'] >= 0

@@ -1,5 +1,6 @@
 """Continuous kernels on sequences (SPEC 8): CCNN 1-D and 2-D, the original CKConv/CKCNN and its published layout,
 causal convolutions, FFT paths, the pMNIST permutation, CCNN's init, timm API, export, FLOPs, a Fashion-MNIST run."""
+import copy
 import math
 from unittest import mock
 
@@ -8,6 +9,7 @@ import timm
 import torch
 
 import dcls_timm  # noqa: F401
+import dcls_timm.layers.flexconv as flexconv
 from dcls_timm.layers import SeparableFlexConv, SirenCKConv, causal_conv1d, continuous_convs
 from dcls_timm.layers.flexconv import FlexConv
 from dcls_timm.models.ckcnn import _PUBLISHED_RENAMES
@@ -114,8 +116,26 @@ def test_causality(fft):
     _prefix_unchanged(model.forward_features, x, 60, atol)
 
 
+@pytest.fixture(params=[None, 1, 2], ids=['one-chunk', 'chunks-of-1', 'chunks-of-2'])
+def chunks(request, monkeypatch):
+    """The depthwise causal FFT convolution over chunks of 1 or 2 samples (batches of 3: a shorter last chunk),
+    or as the CPU heuristic chooses (one chunk for these small tensors)."""
+    if request.param is not None:
+        monkeypatch.setattr(flexconv, '_chunk', lambda x, size: request.param)
+    return request.param
+
+
+def test_chunk_sizes():
+    # about CAUSAL_FFT_CHUNK_BYTES of spectra per chunk on a CPU (at least one sample); the whole batch elsewhere
+    x = torch.empty(100, 140, 784)
+    per_sample = 140 * 801 * 8
+    assert flexconv._chunk(x, 1600) == flexconv.CAUSAL_FFT_CHUNK_BYTES // per_sample >= 2
+    assert flexconv._chunk(torch.empty(3, 10 ** 6, 2), 2 * 10 ** 6) == 1
+    assert flexconv._chunk(torch.empty(100, 140, 784, device='meta'), 1600) == 100
+
+
 @pytest.mark.parametrize('length,taps', [(30, 7), (30, 40), (17, 1)])
-def test_depthwise_causal_fft_gradients_equal_the_direct_ones(length, taps):
+def test_depthwise_causal_fft_gradients_equal_the_direct_ones(length, taps, chunks):
     # the FFT path's backward is written out: values and every gradient against autograd through conv1d (float64)
     torch.manual_seed(0)
     x = torch.randn(3, 4, length, dtype=torch.float64, requires_grad=True)
@@ -152,7 +172,7 @@ def test_kernel_gradient_batch_sum_accumulated_or_fused(batch):
         torch.testing.assert_close(_batch_sum_of_products(a, b, accumulate), ref, rtol=1e-12, atol=1e-12)
 
 
-def test_depthwise_causal_fft_without_autograd_is_bit_equal_and_leaves_its_inputs():
+def test_depthwise_causal_fft_without_autograd_is_bit_equal_and_leaves_its_inputs(chunks):
     # without autograd the spectrum product and the bias add run in place: same bits as the graph-building forward
     torch.manual_seed(0)
     x, w, b = torch.randn(3, 4, 50), torch.randn(4, 1, 50, requires_grad=True), torch.randn(4)
@@ -334,6 +354,10 @@ def test_depthwise_causal_path_follows_autograd():
     assert layer._use_fft((65,)) and layer._use_fft((5,)) and not layer._use_fft((4,))
     with torch.no_grad():
         assert not layer._use_fft((65,)) and not layer._use_fft((100,)) and layer._use_fft((101,))
+        # large inputs: FFTs from 5 taps without autograd too (chunked, they reuse memory)
+        large = flexconv.DEPTHWISE_CAUSAL_FFT_LARGE_INPUT
+        assert layer._use_fft((65,), input_bytes=large) and not layer._use_fft((65,), input_bytes=large - 1)
+        assert layer._use_fft((5,), input_bytes=large) and not layer._use_fft((4,), input_bytes=large)
     assert not layer._use_fft((65,), autograd=False)
     x = torch.randn(2, 3, 200)
     with torch.no_grad():
@@ -342,7 +366,7 @@ def test_depthwise_causal_path_follows_autograd():
     torch.testing.assert_close(layer(x).detach(), direct, rtol=1e-5, atol=1e-5)
 
 
-def test_depthwise_causal_fft_higher_order_and_functorch_match_the_direct_convolution():
+def test_depthwise_causal_fft_higher_order_and_functorch_match_the_direct_convolution(chunks):
     # double backward (gradient penalties, Hessian-vector products), torch.func transforms and forward-mode AD
     # through the FFT path agree with the direct convolution (float64)
     torch.manual_seed(0)
@@ -369,7 +393,7 @@ def test_depthwise_causal_fft_higher_order_and_functorch_match_the_direct_convol
 
 
 @pytest.mark.parametrize('fft, groups', [(False, 4), (True, 4), (False, 1), (True, 1)])
-def test_input_affine_equals_the_affine_map_applied_first(fft, groups):
+def test_input_affine_equals_the_affine_map_applied_first(fft, groups, chunks):
     # input_affine = (scale, shift): written into the padded input without autograd, applied first with it;
     # every route gives conv(x * scale + shift), gradients included
     torch.manual_seed(0)
@@ -410,3 +434,30 @@ def test_input_affine_keeps_the_input_dtype_on_every_route(fft):
                         None, 4)
     for out in (padded, first.detach()):
         torch.testing.assert_close(out.double(), ref, rtol=0.05, atol=0.1)
+
+
+def test_chunked_fft_model_equals_the_direct_convolutions(monkeypatch):
+    # a CCNN over chunks of one sample, FFTs from 5 taps in evaluation too (as for large inputs): the numbers of the
+    # direct convolutions, eval outputs with non-trivial BatchNorms (written while padding), training gradients
+    monkeypatch.setattr(flexconv, '_chunk', lambda x, size: 1)
+    monkeypatch.setattr(flexconv, 'DEPTHWISE_CAUSAL_FFT_LARGE_INPUT', 0)
+    torch.manual_seed(0)
+    model = timm.create_model('ccnn_4_140', width=8, hidden=8, data_dim=1, in_chans=1, dropout=0.).double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 1, 40, dtype=torch.float64)
+    model(x)  # the one-time kernel-network rescale
+    direct = copy.deepcopy(model)
+    for m in continuous_convs(direct):
+        m.fft = 'never'
+    assert all(m._use_fft(m.kernel_sizes(40), autograd=False) for m in continuous_convs(model) if m.depthwise)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), direct.eval()(x), rtol=1e-10, atol=1e-10)
+    for net in (model.train(), direct.train()):
+        net(x).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), direct.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-10, msg=name)

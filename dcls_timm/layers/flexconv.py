@@ -10,8 +10,9 @@ Causal 1-D layers (``causal=True``, the CCNN sequence models, SPEC 8.1): the gri
 ``size - 1``; the mask's mean is a fixed buffer at +1 (only its width learns) and the kernel is cropped to the last
 ``n = ceil(size * ((1 - mu) + 2.146 sigma) / 2) + 1`` grid points (65 taps for 784 points at sigma 0.075); the input
 is padded on the left only. ``kernel_size=-1`` samples the grid with as many points as the input is long.
-FFT convolution (``fft='auto'``) for kernels of more than 50 taps; depthwise ones (CCNN): from 5 taps under autograd,
-above 100 without (whichever is faster on a CPU; the two paths agree to float32 rounding).
+FFT convolution (``fft='auto'``) for kernels of more than 50 taps; depthwise ones (CCNN): from 5 taps under autograd
+and on inputs of 16 MiB and more, above 100 taps otherwise (whichever is faster on a CPU; the two paths agree to
+float32 rounding). On a CPU the depthwise causal FFT convolution runs over chunks of a few samples.
 
 ``init='ccnn'`` (CCNN's kernel-network init, :mod:`.magnet`) also rescales the MAGNet output layer once by
 ``sqrt(1/n)`` (n: taps of the initial cropped kernel) at the first forward pass, guarded by the persistent
@@ -40,9 +41,16 @@ _MASK_RADIUS = math.sqrt(-2 * math.log(MASK_THRESHOLD))  # |x - mu| <= sigma * 2
 _SIGMA_EPS = 1e-4
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CAUSAL_FFT_MIN_TAPS = 51  # full causal 1-D kernels longer than 50 taps use the FFT path (fft='auto')
-# depthwise causal kernels (CCNN 1-D): with autograd the FFT path (its backward written out) is faster from 5 taps up,
-# without it the direct convolution is faster up to about 100 taps (2 cores, [100, 140, 784] and [16, 140, 784])
+# depthwise causal kernels (CCNN 1-D): with autograd the FFT path (its backward written out) is faster from 5 taps up;
+# without it too on large inputs (its chunks reuse memory where the direct convolution's padded copy and output are
+# fresh pages: sMNIST inference at batch 100, 674 -> 533 ms), on smaller ones the direct convolution up to about 100
+# taps (2 cores, [16, 140, 784])
 DEPTHWISE_CAUSAL_FFT_MIN_TAPS = {'autograd': 5, 'inference': 101}
+DEPTHWISE_CAUSAL_FFT_LARGE_INPUT = 16 << 20  # bytes from which inference takes the autograd threshold
+# on a CPU the depthwise causal FFT convolution runs over chunks of samples whose spectra take about this many bytes:
+# the transforms' buffers stay in cache and in memory the allocator reuses, where the transforms of a whole
+# [100, 140, 784] batch fault some 90 MB of fresh pages in per call (``scripts/benchmark_cpu_memory.py``)
+CAUSAL_FFT_CHUNK_BYTES = 4 << 20
 
 
 def fft_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -191,8 +199,9 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if groups == weight.shape[0] and weight.shape[1] == 1:  # depthwise
         if torch.jit.is_scripting():  # autograd.Function is not scriptable: the same forward, autograd's backward
             y = _depthwise_causal_fft(x.to(dtype), weight.to(dtype), full)[0]
-        else:
-            y = _depthwise_causal_fft_conv(x.to(dtype), weight.to(dtype), full, input_affine)
+        else:  # the bias is added chunk by chunk
+            return _depthwise_causal_fft_conv(x.to(dtype), weight.to(dtype), full, input_affine,
+                                              None if bias is None else bias.to(dtype)).to(x.dtype)
     elif groups == 1:
         X = torch.fft.rfft(_padded(x.to(dtype), 0, full - length, input_affine))
         K = torch.fft.rfft(weight.to(dtype).flip(-1), n=full)  # correlation with w = convolution with w flipped
@@ -214,16 +223,34 @@ def _depthwise_causal_fft(x: torch.Tensor, weight: torch.Tensor, size: int
     return torch.fft.irfft(X * K, n=size)[..., :x.shape[-1]], X, K
 
 
-def _batch_sum_of_products(a: torch.Tensor, b: torch.Tensor, accumulate: Optional[bool] = None) -> torch.Tensor:
-    """``(a * b).sum(0)``. ``accumulate`` (default: on CPU) adds the products up sample by sample in place, so no
-    ``a``-sized product is materialised (2-3x faster on CPU than the product and sum, or an einsum, whose batched
-    matmul has 1x1 outputs); elsewhere one fused kernel beats a launch per sample."""
+def _batch_sum_of_products(a: torch.Tensor, b: torch.Tensor, accumulate: Optional[bool] = None,
+                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(a * b).sum(0)`` (added into ``out`` if given). ``accumulate`` (default: on CPU) adds the products up sample
+    by sample in place, so no ``a``-sized product is materialised (2-3x faster on CPU than the product and sum, or
+    an einsum, whose batched matmul has 1x1 outputs); elsewhere one fused kernel beats a launch per sample."""
     if not (a.device.type == 'cpu' if accumulate is None else accumulate):
-        return (a * b).sum(0)
-    out = a.new_zeros(a.shape[1:])
+        total = (a * b).sum(0)
+        return total if out is None else out.add_(total)
+    out = a.new_zeros(a.shape[1:]) if out is None else out
     for i in range(a.shape[0]):
         out.addcmul_(a[i], b[i])
     return out
+
+
+def _chunk(x: torch.Tensor, size: int) -> int:
+    """Samples per chunk of a depthwise causal FFT convolution of length ``size``: the whole batch off the CPU
+    (one launch per transform), about ``CAUSAL_FFT_CHUNK_BYTES`` of spectra on it."""
+    if x.device.type != 'cpu':
+        return max(1, x.shape[0])
+    per_sample = x.shape[1] * (size // 2 + 1) * 2 * x.element_size()
+    return max(1, CAUSAL_FFT_CHUNK_BYTES // per_sample)
+
+
+def _add_bias(y: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    if bias is None:
+        out.copy_(y)
+    else:
+        torch.add(y, bias.view(1, -1, 1), out=out)
 
 
 class _DepthwiseCausalFFTConv(torch.autograd.Function):
@@ -231,49 +258,77 @@ class _DepthwiseCausalFFTConv(torch.autograd.Function):
     ``L + n - 1``, so the circular convolution holds the linear one), with the backward written out: autograd's
     would zero-fill and copy the cropped gradient and run complex-to-complex FFTs, about twice the work. The
     gradients are circular cross-correlations: of the output gradient with the kernel (input) and with the input,
-    summed over the batch in frequency space (kernel); the zero padding keeps both free of wrap-around."""
+    summed over the batch in frequency space (kernel); the zero padding keeps both free of wrap-around. On a CPU
+    forward and backward run over chunks of samples (:func:`_chunk`), each chunk's input spectrum kept for the
+    kernel gradient."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, size: int) -> torch.Tensor:
-        X = torch.fft.rfft(x, n=size)
         K = torch.fft.rfft(weight[:, 0].flip(-1), n=size)  # correlation with w = convolution with w flipped
         need_x, need_w = ctx.needs_input_grad[:2]
-        y = torch.fft.irfft(X * K if need_w else X.mul_(K), n=size)[..., :x.shape[-1]]
-        # the kernel gradient sums G * conj(X) over the batch: keep conj(X), made in place (a lazily conjugated
-        # operand would be copied whole in the backward); x and weight (references) serve a double backward
-        ctx.save_for_backward(X.conj_physical_() if need_w else None, K if need_x else None, x, weight)
-        ctx.lengths = (x.shape[-1], weight.shape[-1], size)
+        length, step = x.shape[-1], _chunk(x, size)
+        y, spectra = (x.new_empty(x.shape) if step < x.shape[0] else None), []
+        for i in range(0, x.shape[0], step):
+            X = torch.fft.rfft(x[i:i + step], n=size)
+            part = torch.fft.irfft(X * K if need_w else X.mul_(K), n=size)[..., :length]
+            if y is None:
+                y = part
+            else:
+                y[i:i + step].copy_(part)
+            if need_w:
+                # the kernel gradient sums G * conj(X) over the batch: keep conj(X), made in place (a lazily
+                # conjugated operand would be copied whole in the backward)
+                spectra.append(X.conj_physical_())
+        # x and weight (references) serve a double backward
+        ctx.save_for_backward(K if need_x else None, x, weight, *spectra)
+        ctx.lengths = (length, weight.shape[-1], size, step)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        X_conj, K, x, weight = ctx.saved_tensors
-        length, taps, size = ctx.lengths
+        K, x, weight, *spectra = ctx.saved_tensors
+        length, taps, size, step = ctx.lengths
         if torch.is_grad_enabled():  # create_graph: differentiable gradients, through the plain FFT ops
             return differentiable_grads(ctx, grad, (x, weight), lambda: _depthwise_causal_fft(x, weight, size)[0]) \
                 + (None,)
-        G = torch.fft.rfft(grad, n=size)
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[1]:
-            spectrum = _batch_sum_of_products(G, X_conj)
-            grad_w = torch.fft.irfft(spectrum, n=size)[:, :taps].flip(-1).unsqueeze(1)
-        if ctx.needs_input_grad[0]:  # last use of G: in place, one spectrum-sized tensor fewer
-            grad_x = torch.fft.irfft(G.mul_(K.conj()), n=size)[..., :length]
+        need_x, need_w = ctx.needs_input_grad[:2]
+        grad_x = grad.new_empty(grad.shape) if need_x and step < grad.shape[0] else None
+        spectrum = None
+        for j, i in enumerate(range(0, grad.shape[0], step)):
+            G = torch.fft.rfft(grad[i:i + step], n=size)
+            if need_w:
+                spectrum = _batch_sum_of_products(G, spectra[j], out=spectrum)
+            if need_x:  # last use of G: in place, one spectrum-sized tensor fewer
+                part = torch.fft.irfft(G.mul_(K.conj()), n=size)[..., :length]
+                if grad_x is None:
+                    grad_x = part
+                else:
+                    grad_x[i:i + step].copy_(part)
+        grad_w = torch.fft.irfft(spectrum, n=size)[:, :taps].flip(-1).unsqueeze(1) if need_w else None
         return grad_x, grad_w, None
 
 
 def _depthwise_causal_fft_conv(x: torch.Tensor, weight: torch.Tensor, size: int,
-                               input_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                               input_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     # input_affine only comes here where causal_conv1d found writes allowed: the no-autograd branch below
     # jit.trace cannot record a custom autograd.Function: traced graphs get the same forward, autograd's backward
     if torch.jit.is_tracing() or autograd_function_unsupported():
-        return _depthwise_causal_fft(x, weight, size)[0]
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _DepthwiseCausalFFTConv.apply(x, weight, size)
-    # nothing to save for a backward: the kernel's spectrum multiplies the input's in place (bit-equal)
-    X = torch.fft.rfft(_padded(x, 0, size - x.shape[-1], input_affine))
-    X.mul_(torch.fft.rfft(weight[:, 0].flip(-1), n=size))
-    return torch.fft.irfft(X, n=size)[..., :x.shape[-1]]
+        y = _depthwise_causal_fft(x, weight, size)[0]
+        return y if bias is None else y + bias.view(1, -1, 1)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        y = _DepthwiseCausalFFTConv.apply(x, weight, size)
+        return y if bias is None else y + bias.view(1, -1, 1)
+    # nothing to save for a backward: the kernel's spectrum multiplies each chunk's in place, the affine map is
+    # written while padding, the bias added while writing the output (one activation-sized tensor in all)
+    length, step = x.shape[-1], _chunk(x, size)
+    K = torch.fft.rfft(weight[:, 0].flip(-1), n=size)
+    out = x.new_empty(x.shape)
+    for i in range(0, x.shape[0], step):
+        X = torch.fft.rfft(_padded(x[i:i + step], 0, size - length, input_affine))
+        _add_bias(torch.fft.irfft(X.mul_(K), n=size)[..., :length], bias, out[i:i + step])
+    return out
 
 
 class _ContinuousConvNd(nn.Module):
@@ -450,14 +505,15 @@ class _ContinuousConvNd(nn.Module):
             return None
         return self.construct_kernel()
 
-    def _use_fft(self, sizes: Sequence[int], autograd: Optional[bool] = None) -> bool:
-        """Whether a kernel of these sizes takes the FFT path; ``autograd`` (default: grad mode is on) matters for
-        depthwise causal kernels."""
+    def _use_fft(self, sizes: Sequence[int], autograd: Optional[bool] = None, input_bytes: int = 0) -> bool:
+        """Whether a kernel of these sizes takes the FFT path; ``autograd`` (default: grad mode is on) and the
+        input's size in bytes matter for depthwise causal kernels."""
         if self.fft != 'auto':
             return self.fft == 'always'
         if self.causal and self.depthwise:
             autograd = torch.is_grad_enabled() if autograd is None else autograd
-            return sizes[0] >= DEPTHWISE_CAUSAL_FFT_MIN_TAPS['autograd' if autograd else 'inference']
+            large = input_bytes >= DEPTHWISE_CAUSAL_FFT_LARGE_INPUT
+            return sizes[0] >= DEPTHWISE_CAUSAL_FFT_MIN_TAPS['autograd' if autograd or large else 'inference']
         if self.causal:
             return sizes[0] >= CAUSAL_FFT_MIN_TAPS
         return math.prod(sizes) >= (23 ** 2 if self.dim == 2 else 23 if self.dim == 1 else 9 ** 3)
@@ -490,8 +546,8 @@ class _ContinuousConvNd(nn.Module):
         if self.causal:
             kernel = self.causal_kernel(length)
             kernel, bias = self._in_dtype_of(x, kernel)
-            return causal_conv1d(x, kernel, None if skip_bias else bias, groups,
-                                 fft=self._use_fft(kernel.shape[2:]), input_affine=input_affine)
+            return causal_conv1d(x, kernel, None if skip_bias else bias, groups, input_affine=input_affine,
+                                 fft=self._use_fft(kernel.shape[2:], input_bytes=x.numel() * x.element_size()))
         kernel = self.construct_kernel()
         fft = self._use_fft(kernel.shape[2:])
         if input_affine is not None:
