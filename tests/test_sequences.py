@@ -412,6 +412,11 @@ def test_input_affine_equals_the_affine_map_applied_first(fft, groups, chunks):
     g = torch.randn_like(out)
     for a, r in zip(torch.autograd.grad(out, (w, scale, shift), g), torch.autograd.grad(ref, (w, scale, shift), g)):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+    # only the bias learns (e.g. bias-only fine-tuning): the affine map is still applied, the bias gets its gradient
+    bias_only = b.clone().requires_grad_()
+    out = causal_conv1d(x, w.detach(), bias_only, groups, fft, input_affine=(scale.detach(), shift.detach()))
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(out, bias_only, g)[0], g.sum((0, 2)))
     with torch.no_grad():  # an empty batch
         assert causal_conv1d(x[:0], w, b, groups, fft, input_affine=(scale, shift)).shape == (0, w.shape[0], 40)
 

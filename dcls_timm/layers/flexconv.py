@@ -311,15 +311,17 @@ class _DepthwiseCausalFFTConv(torch.autograd.Function):
 def _depthwise_causal_fft_conv(x: torch.Tensor, weight: torch.Tensor, size: int,
                                input_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    # input_affine only comes here where causal_conv1d found writes allowed: the no-autograd branch below
+    # input_affine only comes here where causal_conv1d found writes allowed (x, weight, scale and shift need no
+    # gradient): the branches without the autograd Function below
     # jit.trace cannot record a custom autograd.Function: traced graphs get the same forward, autograd's backward
     if torch.jit.is_tracing() or autograd_function_unsupported():
         y = _depthwise_causal_fft(x, weight, size)[0]
         return y if bias is None else y + bias.view(1, -1, 1)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         y = _DepthwiseCausalFFTConv.apply(x, weight, size)
         return y if bias is None else y + bias.view(1, -1, 1)
+    if torch.is_grad_enabled() and bias is not None and bias.requires_grad:  # e.g. bias-only fine-tuning
+        return _depthwise_causal_fft_conv(x, weight, size, input_affine) + bias.view(1, -1, 1)
     # nothing to save for a backward: the kernel's spectrum multiplies each chunk's in place, the affine map is
     # written while padding, the bias added while writing the output (one activation-sized tensor in all)
     length, step = x.shape[-1], _chunk(x, size)
