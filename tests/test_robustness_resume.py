@@ -119,6 +119,23 @@ def _descendants(pid: int):
     return out
 
 
+def _freeze_tree(pid: int):
+    """SIGSTOP ``pid`` and every process it started, until no new one appears (a stopped process forks no more);
+    returns the descendants. Without it a DataLoader worker forked between listing and killing the tree survived
+    with the pipes open, and waiting for the killed command's output timed out."""
+    frozen = set()
+    while True:
+        new = [p for p in [pid] + _descendants(pid) if p not in frozen]
+        if not new:
+            return sorted(frozen - {pid})
+        for p in new:
+            try:
+                os.kill(p, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+            frozen.add(p)
+
+
 def _start_and_stop(cmd, results: Path, after_cells: int, sig, tree: bool = False):
     """Start ``cmd``, wait until ``results`` holds ``after_cells`` ImageNet-C cells, send ``sig`` (with ``tree`` to it
     and every process it started, as when a node dies); wait for the end."""
@@ -128,7 +145,9 @@ def _start_and_stop(cmd, results: Path, after_cells: int, sig, tree: bool = Fals
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, 'no progress'
         time.sleep(0.02)
-    for pid in (_descendants(proc.pid) if tree else []):  # DataLoader workers, torchrun's ranks
+    # DataLoader workers, torchrun's ranks; for SIGKILL (a node dying) the whole tree at once
+    pids = (_freeze_tree(proc.pid) if sig == signal.SIGKILL else _descendants(proc.pid)) if tree else []
+    for pid in pids:
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
