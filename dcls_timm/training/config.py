@@ -182,13 +182,13 @@ _TRUE, _FALSE = ('true', 'yes', 'on', '1'), ('false', 'no', 'off', '0')
 
 def _coerce_switches(config: Dict[str, Any], parser: argparse.ArgumentParser, source: str) -> Dict[str, Any]:
     """On/off flags given as YAML strings or 0/1 as booleans: a quoted ``"false"`` is a non-empty string, which
-    argparse would take as on. Anything else that is not a boolean is an error."""
+    argparse would take as on. ``null`` is left as it is; anything else that is not a boolean is an error."""
     switches = {a.dest for a in parser._actions
                 if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction,
                                   argparse.BooleanOptionalAction))}
     out = dict(config)
     for key, value in config.items():
-        if key not in switches or isinstance(value, bool):
+        if key not in switches or value is None or isinstance(value, bool):
             continue
         text = str(value).strip().lower() if isinstance(value, (str, int)) else None
         if text in _TRUE or text in _FALSE:
