@@ -170,15 +170,14 @@ def _ceilings_table(repeats: int, scale: float = 1.0) -> dict:
     CCNN's 1x1 convolutions at width 140 in every formulation at hand, and the FFTs of CCNN's 1-D causal
     convolutions. ``scale`` shrinks the batches (tests)."""
     import torch.nn.functional as F
+    from dcls_timm.layers.pointwise import pointwise_matmul
     mkldnn = torch.ops.mkldnn
     back = torch.ops.aten.convolution_backward
 
-    def timed(fn):
-        return statistics.median(_measure(fn, repeats))
     rows = []
 
     def add(group, op, shape, macs, fn):
-        t = timed(fn)
+        t = statistics.median(_measure(fn, repeats))
         rows.append({'group': group, 'op': op, 'shape': shape, 'ms': 1e3 * t,
                      'gmac_s': macs / t / 1e9 if macs else None})
     n = max(64, int(2048 * scale) // 64 * 64)
@@ -207,8 +206,7 @@ def _ceilings_table(repeats: int, scale: float = 1.0) -> dict:
     x1t = x1.transpose(1, 2).contiguous()
     w1 = w2.view(c, c)
     macs, shape = seq * length * c * c, f'[{seq}, {c}, {length}]'
-    add('CCNN 1x1 conv, 1-D', 'batched matmul (ours)', shape, macs, lambda: torch.baddbmm(b2.view(1, c, 1),
-                                                                                       w1.expand(seq, c, c), x1))
+    add('CCNN 1x1 conv, 1-D', 'batched matmul (ours)', shape, macs, lambda: pointwise_matmul(x1, w1, b2))
     add('CCNN 1x1 conv, 1-D', 'oneDNN linear, [B*L, C] layout', shape, macs,
         lambda: mkldnn._linear_pointwise(x1t, w1, b2, 'none', [], ''))
     add('CCNN 1x1 conv, 1-D', 'F.conv1d (theirs)', shape, macs, lambda: F.conv1d(x1, w2.view(c, c, 1), b2))
@@ -258,7 +256,8 @@ def main():
         table = dict(_ceilings_table(args.repeats, args.scale), machine=machine(torch.device('cpu')),
                      command='python ' + ' '.join(sys.argv))
         allocator = table['machine']['allocator'] or 'default allocator'
-        _print_table(f"shared operations, {table['machine']['cpu']}, {threads}, {allocator}", ['group', 'op', 'shape', 'ms', 'GMAC/s'], table['rows'],
+        _print_table(f"shared operations, {table['machine']['cpu']}, {threads}, {allocator}",
+                     ['group', 'op', 'shape', 'ms', 'GMAC/s'], table['rows'],
                      lambda r: [r['group'], r['op'], r['shape'], f"{r['ms']:.1f}",
                                 '' if r['gmac_s'] is None else f"{r['gmac_s']:.0f}"])
     elif args.pointwise:
