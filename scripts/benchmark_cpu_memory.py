@@ -6,7 +6,11 @@ The setting is process-wide, so each measurement is a fresh process: ``--rounds`
 kept alternating, each timing ``--steps`` training steps (forward, cross-entropy, backward, Adam; ``--mode infer``:
 ``inference_mode`` forwards in eval mode) after two warm-up steps and printing their median and the page faults per
 step (minor faults: fresh pages the kernel maps and zeroes). The ratio is default / kept per pair (> 1: keeping is
-faster).
+faster). ``--thp`` adds a third process per round: glibc's default allocator with PyTorch's own
+``THP_MEM_ALLOC_ENABLE=1`` (read once when torch loads: every CPU tensor of 2 MiB or more is advised to
+transparent huge pages, so a fresh tensor faults in 2 MiB at a time; needs Linux with
+``/sys/kernel/mm/transparent_hugepage/enabled`` at ``madvise`` or ``always``), for programs that cannot change the
+allocator's settings; its ratio is default / THP.
 
     python scripts/benchmark_cpu_memory.py                                      # CCNN-4,140 sMNIST, batch 100
     python scripts/benchmark_cpu_memory.py --model convnext_tiny_dcls --input-size 3 224 224 --batch-size 8
@@ -14,11 +18,13 @@ faster).
 """
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 import timm
@@ -28,6 +34,19 @@ from timm.utils import ParseKwargs
 
 import dcls_timm  # noqa: F401  (registers the models)
 from dcls_timm.cpu_memory import keep_freed_memory
+
+THP_ENV = 'THP_MEM_ALLOC_ENABLE'  # PyTorch's switch (c10's CPU allocator), read once when torch loads
+THP_SETTING = Path('/sys/kernel/mm/transparent_hugepage/enabled')
+
+
+def thp_setting() -> str:
+    """The kernel's transparent huge page mode (the bracketed word: always, madvise or never); '' where unknown."""
+    try:
+        text = THP_SETTING.read_text()
+    except OSError:
+        return ''
+    start, end = text.find('['), text.find(']')
+    return text[start + 1:end] if 0 <= start < end else ''
 
 
 def child(args) -> None:
@@ -55,7 +74,8 @@ def child(args) -> None:
         step()
         times.append(time.perf_counter() - start)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
-    print(json.dumps({'mode': args.child, 'kept': kept, 'ms': statistics.median(times) * 1e3, 'faults': faults}))
+    print(json.dumps({'mode': args.child, 'kept': kept, 'thp': os.environ.get(THP_ENV, ''),
+                      'ms': statistics.median(times) * 1e3, 'faults': faults}))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -67,8 +87,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument('--steps', type=int, default=7)
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--mode', choices=['train', 'infer'], default='train')
+    parser.add_argument('--thp', action='store_true',
+                        help=f'also time glibc\'s default allocator with {THP_ENV}=1 (transparent huge pages)')
     parser.add_argument('--json', default='', help='write the results to this JSON file')
-    parser.add_argument('--child', choices=['default', 'kept'], help=argparse.SUPPRESS)
+    parser.add_argument('--child', choices=['default', 'kept', 'thp'], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(args)
@@ -76,26 +98,42 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     base = [sys.executable, __file__, '--model', args.model, '--input-size', *map(str, args.input_size),
             '--batch-size', str(args.batch_size), '--steps', str(args.steps), '--mode', args.mode, '--model-kwargs',
             *[f'{k}={v}' for k, v in args.model_kwargs.items()]]
+    modes = ('default', 'kept', 'thp') if args.thp else ('default', 'kept')
+    if args.thp and thp_setting() not in ('always', 'madvise'):
+        print(f'warning: transparent huge pages are {thp_setting() or "unknown"} here ({THP_SETTING}): '
+              f'{THP_ENV}=1 cannot give huge pages', file=sys.stderr)
+    # only the 'thp' children get PyTorch's switch, whatever this process's environment holds
+    env = {k: v for k, v in os.environ.items() if k != THP_ENV}
     rows = []
     for _ in range(args.rounds):
-        pair = {}
-        for mode in ('default', 'kept'):
-            out = subprocess.run(base + ['--child', mode], capture_output=True, text=True, check=True)
-            pair[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-        if not pair['kept']['kept']:
+        runs = {}
+        for mode in modes:
+            out = subprocess.run(base + ['--child', mode], capture_output=True, text=True, check=True,
+                                 env={**env, THP_ENV: '1'} if mode == 'thp' else env)
+            runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        if not runs['kept']['kept']:
             raise SystemExit('glibc did not accept the settings here (not glibc?): nothing to compare.')
-        rows.append({'default_ms': pair['default']['ms'], 'kept_ms': pair['kept']['ms'],
-                     'ratio': pair['default']['ms'] / pair['kept']['ms'],
-                     'default_faults': pair['default']['faults'], 'kept_faults': pair['kept']['faults']})
-        print(f"default {rows[-1]['default_ms']:.0f} ms ({rows[-1]['default_faults']:.0f} page faults a step), "
-              f"kept {rows[-1]['kept_ms']:.0f} ms ({rows[-1]['kept_faults']:.0f}), ratio {rows[-1]['ratio']:.2f}",
-              flush=True)
+        if any(bool(runs[mode]['thp']) != (mode == 'thp') for mode in modes):
+            raise SystemExit(f'{THP_ENV} did not reach (only) the THP processes: {runs}')
+        row = {f'{mode}_{key}': runs[mode][key] for mode in modes for key in ('ms', 'faults')}
+        row['ratio'] = row['default_ms'] / row['kept_ms']
+        text = (f"default {row['default_ms']:.0f} ms ({row['default_faults']:.0f} page faults a step), "
+                f"kept {row['kept_ms']:.0f} ms ({row['kept_faults']:.0f}), ratio {row['ratio']:.2f}")
+        if args.thp:
+            row['thp_ratio'] = row['default_ms'] / row['thp_ms']
+            text += f"; THP {row['thp_ms']:.0f} ms ({row['thp_faults']:.0f}), ratio {row['thp_ratio']:.2f}"
+        rows.append(row)
+        print(text, flush=True)
     result = {'model': args.model, 'model_kwargs': args.model_kwargs, 'batch_size': args.batch_size,
               'input_size': args.input_size, 'mode': args.mode, 'command': 'python ' + ' '.join(sys.argv),
               'date': time.strftime('%Y-%m-%dT%H:%M:%S'), 'rounds': rows,
               'median_ratio': statistics.median(r['ratio'] for r in rows)}
-    print(f"{args.model} {args.mode}: median ratio default / kept {result['median_ratio']:.2f} over "
-          f"{args.rounds} rounds")
+    summary = f"{args.model} {args.mode}: median ratio default / kept {result['median_ratio']:.2f}"
+    if args.thp:
+        result['thp_setting'] = thp_setting()
+        result['median_thp_ratio'] = statistics.median(r['thp_ratio'] for r in rows)
+        summary += f", default / THP {result['median_thp_ratio']:.2f}"
+    print(f"{summary} over {args.rounds} rounds")
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(result, f, indent=2)

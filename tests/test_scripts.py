@@ -1,8 +1,11 @@
 """Scripts run end to end in a tiny configuration (no timing assertions)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,6 +123,23 @@ def test_benchmark_cpu_memory_runs_both_allocators():
                           '--batch-size', '2', '--steps', '1', '--rounds', '1'],
                          capture_output=True, text=True, check=True).stdout
     assert 'median ratio default / kept' in out and out.count('ratio') == 2
+
+
+def test_benchmark_cpu_memory_transparent_huge_pages(tmp_path):
+    # the switch reaches the THP processes only, even when this process's environment already holds it
+    path = tmp_path / 'memory.json'
+    proc = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark_cpu_memory.py'), '--mode', 'infer',
+                           '--thp', '--model-kwargs', 'data_dim=1', 'in_chans=1', 'width=8', 'hidden=8',
+                           '--input-size', '1', '32', '--batch-size', '2', '--steps', '1', '--rounds', '2',
+                           '--json', str(path)], capture_output=True, text=True, check=True,
+                          env={**os.environ, 'THP_MEM_ALLOC_ENABLE': '1'})
+    assert 'default / THP' in proc.stdout
+    result = json.loads(path.read_text())
+    assert len(result['rounds']) == 2 and result['median_thp_ratio'] > 0
+    assert result['thp_setting'] in ('', 'always', 'madvise', 'never')
+    for row in result['rounds']:
+        assert row['thp_ms'] > 0 and row['thp_faults'] >= 0
+        assert row['thp_ratio'] == pytest.approx(row['default_ms'] / row['thp_ms'])
 
 
 def test_benchmark_cpu_memory_inference_with_page_faults(tmp_path):
