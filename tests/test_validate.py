@@ -17,10 +17,11 @@ from PIL import Image
 import dcls_timm  # noqa: F401
 from dcls_timm.errors import ConfigError
 from dcls_timm.evaluation import (
-    ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS, CORRUPTIONS, CheckpointMismatchError, WnidImageFolder, build_parser,
+    ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS, CORRUPTIONS, EXTRA_CORRUPTIONS, CheckpointMismatchError, WnidImageFolder, build_parser,
     corruption_summary, imagenet_wnids, load_weights, run, subset_classes,
 )
 from dcls_timm.evaluation.classes import imagenet_wnid_to_index
+from dcls_timm.evaluation.report import csv_rows, format_table
 from upstream import upstream_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +53,31 @@ def test_mce_bookkeeping_by_hand():
     del errors['fog'][5]
     partial = corruption_summary(errors)
     assert not partial['complete'] and 'mce' not in partial and 'fog' not in partial['ce']
+
+
+def _c_results(errors):
+    entry = {'errors': errors, 'label': 'ImageNet-C', 'preprocessing': '', 'images': 1, **corruption_summary(errors)}
+    return {'model': 'm', 'param_count': 1, 'img_size': 224, 'crop_pct': 0.875, 'interpolation': 'bicubic',
+            'checkpoint': '', 'ema': False, 'suites': {'imagenet-c': entry}}
+
+
+def test_imagenet_c_accuracy_leaves_the_extra_corruptions_apart():
+    # the 15 mCE corruptions at 20 % error, the 4 extras at 90 %: the ImageNet-C row is the 15's, the extras get a
+    # row of their own (they once were averaged in: 34.7 % error, no error raised)
+    errors = {c: {s: 0.2 for s in range(1, 6)} for c in CORRUPTIONS}
+    errors.update({c: {s: 0.9 for s in range(1, 6)} for c in EXTRA_CORRUPTIONS})
+    main, extra = csv_rows(_c_results(errors))
+    assert (main['suite'], main['top1_err'], main['top1']) == ('imagenet-c', 20.0, 80.0)
+    assert main['mce'] == round(100 * np.mean([0.2 / ALEXNET_ERRORS[c] for c in CORRUPTIONS]), 3)
+    assert (extra['suite'], extra['top1_err'], extra['mce']) == ('imagenet-c:extra', 90.0, '')
+    assert 'imagenet-c:extra' in format_table(_c_results(errors))
+    # a partial run: each evaluated cell of the 15 weighs alike; no extras, no extra row
+    partial = {'fog': {1: 0.1, 2: 0.3}, 'snow': {5: 0.5}}
+    row, = csv_rows(_c_results(partial))
+    assert row['top1_err'] == 30.0 and row['mce'] == ''
+    # only extras evaluated: no ImageNet-C accuracy, theirs in their row
+    main, extra = csv_rows(_c_results({'saturate': {1: 0.4}}))
+    assert 'top1' not in main and extra['top1_err'] == 40.0
 
 
 def test_subset_masks():
