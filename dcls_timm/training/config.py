@@ -217,4 +217,10 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str
         _check_config_keys(config, parser, pre.config)
         parser.set_defaults(**_coerce_switches(config, parser, pre.config))
     args = parser.parse_args(argv)
+    # key=value dicts given on the command line update the config's key by key (timm's ParseKwargs would replace
+    # the whole dict: `--model-kwargs dropout=0.2` on a sequence config silently lost its data_dim=1)
+    for action in parser._actions:
+        layered = parser.get_default(action.dest)
+        if isinstance(action, ParseKwargs) and isinstance(layered, dict) and getattr(args, action.dest) is not layered:
+            setattr(args, action.dest, {**layered, **getattr(args, action.dest)})
     return args

@@ -54,10 +54,12 @@ def train_one_epoch(
         Epoch metrics (loss, task_loss, each auxiliary loss, img_per_sec, lr of every parameter group) and the
         update count.
     """
-    if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+    if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        # with the prefetcher the mixing runs in the loader's collate function and there is no mixup_fn
         if getattr(loader, 'mixup_enabled', False):
             loader.mixup_enabled = False
-        mixup_fn.mixup_enabled = False
+        if mixup_fn is not None:
+            mixup_fn.mixup_enabled = False
     model.train()
     unwrapped = unwrap_model(model)
     accum = args.grad_accum_steps

@@ -297,6 +297,11 @@ def run(args: Any) -> Dict[str, Any]:
         set_rng_state(checkpoint['rng'])  # last: everything before consumed randomness a fresh run did not
 
     num_updates = start_epoch * updates_per_epoch
+    # with an EMA, its metric picks model_best and drives a plateau schedule, as in timm's train.py: the EMA
+    # weights are the ones reported and evaluated (SPEC 1.7); --eval-metric ema_<name> says so explicitly
+    metric_name = args.eval_metric
+    if model_ema is not None and not metric_name.startswith('ema_'):
+        metric_name = f'ema_{metric_name}'
     eval_metrics: Dict[str, float] = {}
     best = (None, None)
     for epoch in range(start_epoch, num_epochs):
@@ -314,18 +319,18 @@ def run(args: Any) -> Dict[str, Any]:
                                        log_suffix=' (EMA)', is_primary=primary)
                 eval_metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
         if lr_scheduler is not None:  # --sched none: a constant lr
-            lr_scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
+            lr_scheduler.step(epoch + 1, eval_metrics.get(metric_name))
         if primary:
             speeds = monitor.epoch_speed() if monitor is not None else {}
             _log_epoch(writer, epoch, train_metrics, eval_metrics, speeds, monitor)
             update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'))
-            metric = eval_metrics.get(args.eval_metric)
-            best = saver.save_checkpoint(epoch, metric=metric)
+            best = saver.save_checkpoint(epoch, metric=eval_metrics.get(metric_name))
     if writer is not None:
         writer.close()
 
     result = {'epochs': num_epochs, 'output_dir': output_dir, 'eval': eval_metrics,
-              'best_metric': best[0], 'best_epoch': best[1], 'world_size': args.world_size}
+              'best_metric': best[0], 'best_epoch': best[1], 'best_metric_name': metric_name,
+              'world_size': args.world_size}
     if args.distributed:
         result['ranks_in_sync'] = _ranks_in_sync(unwrap_model(model), device)
         if primary and not result['ranks_in_sync']:
@@ -333,7 +338,7 @@ def run(args: Any) -> Dict[str, Any]:
     if primary:
         with open(os.path.join(output_dir, 'results.json'), 'w') as f:
             json.dump(result, f, indent=2)
-        _logger.info(f'Done. Final eval {eval_metrics}; best {args.eval_metric} {best[0]} (epoch {best[1]}). '
+        _logger.info(f'Done. Final eval {eval_metrics}; best {metric_name} {best[0]} (epoch {best[1]}). '
                      f'Checkpoints: {output_dir}; TensorBoard: tensorboard --logdir {output_dir}/tensorboard')
     if args.distributed:
         torch.distributed.barrier()
