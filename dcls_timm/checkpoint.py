@@ -17,6 +17,13 @@ and validation:
    shapes checked against the model: one ``CheckpointMismatchError`` naming what does not fit.
 4. :func:`load_into` (3 + ``load_state_dict``) and :func:`load_weights` (1 to 3 for a file).
 
+What a layer's outputs depend on beyond its state dict (a DCLS grid size D or interpolation, a FlexConv grid, a
+SIREN's omega_0: each layer class names them in ``checkpoint_settings``) is recorded in train.py checkpoints
+(:data:`SETTINGS_KEY`, :func:`layer_settings`) and checked against the model before loading
+(:func:`check_layer_settings`): a file trained with ``dcls_kernel_size=9`` fits a D=5 model's shapes exactly and
+would give other outputs without any error. Files without the record (published, plain state dicts) cannot be
+checked.
+
 :func:`share_block_positions` is the layout helper the DCLS models' ``checkpoint_filter_fn`` use to move positions
 between per-block keys (upstream checkpoints repeat a stage's shared positions in every block) and a stage's shared
 ``DclsPositions``; :func:`differing_block_positions` tells, before a model is built, whether a file's per-block
@@ -44,7 +51,7 @@ from dcls_timm.errors import ConfigError
 __all__ = [
     'CheckpointError', 'CheckpointMismatchError', 'POSITION_ATOL', 'FilterFn', 'read_checkpoint', 'pick_weights',
     'model_filter', 'fit_weights', 'load_into', 'load_weights', 'share_block_positions', 'differing_block_positions',
-    'weights_file', 'WEIGHTS_FILES',
+    'weights_file', 'WEIGHTS_FILES', 'SETTINGS_KEY', 'layer_settings', 'check_layer_settings',
 ]
 
 FilterFn = Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]
@@ -263,6 +270,39 @@ def fit_weights(
     return state_dict
 
 
+SETTINGS_KEY = 'layer_settings'
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def layer_settings(model: nn.Module) -> Dict[str, Dict[str, Any]]:
+    """``{module name: {setting: value}}`` for every module whose class names ``checkpoint_settings``: what its
+    outputs depend on beyond the state dict, as plain values (tuples as lists)."""
+    return {name: {attr: _plain(getattr(m, attr)) for attr in m.checkpoint_settings}
+            for name, m in model.named_modules() if getattr(type(m), 'checkpoint_settings', None)}
+
+
+def check_layer_settings(model: nn.Module, checkpoint: Dict[str, Any], path: str) -> None:
+    """Raise ``CheckpointMismatchError`` where ``checkpoint`` records (:data:`SETTINGS_KEY`) layer settings that
+    differ from ``model``'s (modules in both); nothing to check in files without the record."""
+    recorded = checkpoint.get(SETTINGS_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(recorded, dict):
+        return
+    own = layer_settings(model)
+    differ = [f'{name}.{attr} {value} vs {own[name][attr]}' for name, settings in recorded.items() if name in own
+              for attr, value in settings.items() if attr in own[name] and _plain(value) != own[name][attr]]
+    if differ:
+        args = checkpoint.get('args')
+        kwargs = args.get('model_kwargs') if isinstance(args, dict) else getattr(args, 'model_kwargs', None)
+        hint = (' (it was trained with --model-kwargs '
+                + ' '.join(f"{k}={str(v).replace(' ', '')}" for k, v in kwargs.items()) + ')') if kwargs else ''
+        raise CheckpointMismatchError(
+            f'{path} was trained with other layer settings than {type(model).__name__} has (file vs model): '
+            f'{_show(differ)}; build the model as it was trained{hint}.')
+
+
 def load_into(
         model: nn.Module,
         state_dict: Dict[str, torch.Tensor],
@@ -293,6 +333,7 @@ def load_weights(
     """
     checkpoint = read_checkpoint(path)
     entry, state_dict = pick_weights(checkpoint, path, use_ema)
+    check_layer_settings(model, checkpoint, path)
     load_into(model, state_dict, path, filter_fn)
     epoch = checkpoint.get('epoch')
     return {'path': os.fspath(path), 'entry': entry, 'ema': entry in EMA_KEYS,

@@ -12,7 +12,8 @@ import torch
 
 import dcls_timm  # noqa: F401
 from dcls_timm.checkpoint import (
-    POSITION_ATOL, CheckpointError, CheckpointMismatchError, load_weights, pick_weights, read_checkpoint,
+    POSITION_ATOL, SETTINGS_KEY, CheckpointError, CheckpointMismatchError, layer_settings, load_weights, pick_weights,
+    read_checkpoint,
 )
 from dcls_timm.evaluation import build_parser as validate_parser
 from dcls_timm.evaluation import load_weights as validate_load_weights
@@ -305,6 +306,35 @@ def test_resume_loads_through_the_same_checks(image_folder, tmp_path):  # noqa: 
                tmp_path / 'ten.pth')
     with pytest.raises(CheckpointMismatchError, match='only the classifier differs.*num_classes=10'):
         run(parse_args(_argv(image_folder, tmp_path, '--resume', str(tmp_path / 'ten.pth'))))
+
+
+def test_layer_settings_outside_the_state_dict_are_recorded_and_checked(image_folder, tmp_path):  # noqa: F811
+    # a D=5 run's weights fit a D=7 (or v1) model's shapes exactly and gave other outputs without any error: train.py
+    # checkpoints record the settings, and every loading path checks them
+    run(parse_args(_argv(image_folder, tmp_path, '--epochs', '1', '--warmup-epochs', '0', '--no-tensorboard')))
+    last = str(tmp_path / 'run' / 'last.pth.tar')
+    recorded = read_checkpoint(last)[SETTINGS_KEY]
+    assert recorded['stages.0.blocks.0.conv_dw'] == {'dilated_kernel_size': [5, 5], 'version': 'v0'}
+    tiny = dict(depths=(1, 1, 1, 1), dims=(8, 16, 16, 16), num_classes=3)
+    for other in (dict(dcls_kernel_size=7), dict(dcls_kernel_size=5, dcls_version='v1')):
+        model = timm.create_model('convnext_atto_dcls', **tiny, **other)
+        with pytest.raises(CheckpointMismatchError, match=r'trained with other layer settings.*stages\.0\.blocks\.0'
+                                                          r'\.conv_dw\.(dilated_kernel_size \[5, 5\] vs \[7, 7\]|'
+                                                          r"version v0 vs v1).*--model-kwargs .*dcls_kernel_size=5"):
+            load_weights(model, last)
+        with pytest.raises(CheckpointMismatchError, match='trained with other layer settings'):
+            timm.create_model('convnext_atto_dcls', pretrained=True, pretrained_cfg_overlay=dict(file=last),
+                              **tiny, **other)
+    with pytest.raises(CheckpointMismatchError, match='trained with other layer settings'):
+        run(parse_args(_argv(image_folder, tmp_path / 'resumed', '--resume', last, '--model-kwargs',
+                             'depths=(1,1,1,1)', 'dims=(8,16,16,16)', 'dcls_kernel_size=7')))
+    model = timm.create_model('convnext_atto_dcls', dcls_kernel_size=5, **tiny)
+    load_weights(model, last)  # as trained: loads
+    assert layer_settings(model) == recorded
+    # every family records what its state dict does not show
+    assert {'omega_0': 31.09195739463897} in layer_settings(timm.create_model('ckcnn_2_30')).values()
+    ccnn = layer_settings(timm.create_model('ccnn_4_140', depth=1, width=8, hidden=8))
+    assert ccnn['stem.0.depthwise'] == {'train_kernel_size': 33, 'causal': False}
 
 
 def test_train_starts_from_an_upstream_layout_file(image_folder, tmp_path):  # noqa: F811

@@ -361,3 +361,37 @@ def test_mismatches_are_one_clear_line(tmp_path):
         read_checkpoint(str(tmp_path / 'empty'))
     with pytest.raises(FileNotFoundError, match='Checkpoint not found'):
         timm.create_model('resnet50_dcls', pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'no')))
+
+
+@pytest.mark.parametrize('name, small, deeper', [
+    ('ccnn_4_140', dict(depth=2, width=8, hidden=8), dict(depth=3)),
+    ('ccnn_4_140', dict(depth=2, width=8, hidden=8, data_dim=1, in_chans=1), dict(depth=3)),
+    ('flexnet_3', dict(), dict(widths=(24, 24, 24, 24))),
+])
+def test_continuous_models_load_strictly_whatever_num_classes(name, small, deeper, tmp_path):
+    # timm's loader goes non-strict when num_classes changes: a deeper model once kept random blocks, no error
+    path = tmp_path / 'weights.pth'
+    source = timm.create_model(name, **small)
+    torch.save(source.state_dict(), path)
+    overlay = dict(file=str(path))
+    for num_classes in (10, 5):
+        with pytest.raises(CheckpointMismatchError, match='missing keys: blocks'):
+            timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes,
+                              **{**small, **deeper})
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=5, **small)
+    kept = {k: v for k, v in source.state_dict().items() if not k.startswith('head.')}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in kept.items())
+    assert model.eval()(torch.randn(1, *((1, 16) if small.get('data_dim') == 1 else (3, 16, 16)))).shape == (1, 5)
+
+
+def test_a_bare_name_builds_its_default_tag():
+    # omega_0 is in no state dict: `ckcnn_2_30` (default tag smnist) once had 30.5, so the smnist file loaded into it
+    # without error and gave other logits (SPEC 8.2: 31.09...)
+    model = timm.create_model('ckcnn_2_30')
+    assert model.pretrained_cfg['tag'] == 'smnist'
+    assert {m.omega_0 for m in model.modules() if hasattr(m, 'omega_0')} == {31.09195739463897}
+    assert {m.omega_0 for m in timm.create_model('ckcnn_2_100').modules() if hasattr(m, 'omega_0')} == {30.5}
+    pmnist = timm.create_model('ckcnn_2_30.pmnist')
+    assert {m.omega_0 for m in pmnist.modules() if hasattr(m, 'omega_0')} == {43.45667389601194}
+    given = timm.create_model('ckcnn_2_30', omega_0=20.)
+    assert {m.omega_0 for m in given.modules() if hasattr(m, 'omega_0')} == {20.}

@@ -56,6 +56,7 @@ class DclsPositions(nn.Module):
     Created by :func:`share_positions`; it must be registered in the model (e.g. as an attribute of the stage that
     holds the layers) so its parameters appear once in ``named_parameters()`` and the state dict.
     """
+    checkpoint_settings = ('dilated_kernel_size',)
 
     def __init__(self, P: nn.Parameter, SIG: Optional[nn.Parameter], dilated_kernel_size: Tuple[int, ...]):
         super().__init__()
@@ -80,6 +81,8 @@ class _DclsNd(nn.Module):
     """Base class of the N-d DCLS convolutions (dense kernel built from K learnable-position elements)."""
 
     ndim: int = 0
+    # what the outputs depend on beyond the state dict: recorded in train.py checkpoints, checked when loading
+    checkpoint_settings = ('dilated_kernel_size', 'version')
 
     def __init__(
             self,

@@ -335,6 +335,9 @@ def _depthwise_causal_fft_conv(x: torch.Tensor, weight: torch.Tensor, size: int,
 
 class _ContinuousConvNd(nn.Module):
     """A convolution whose kernel MAGNet generates on a coordinate grid, optionally masked and cropped."""
+    # what the outputs depend on beyond the state dict (the grid trained on; kernel_size may be changed for
+    # evaluation at another resolution): recorded in train.py checkpoints, checked when loading
+    checkpoint_settings = ('train_kernel_size', 'causal')
 
     def __init__(
             self,

@@ -52,6 +52,7 @@ class WeightNormConv1x1(nn.Module):
 
 class SirenKernel(nn.Module):
     """SIREN kernel network: ``[L]`` coordinates to ``[out_features, L]`` kernel values."""
+    checkpoint_settings = ('omega_0',)  # in no state dict: recorded in train.py checkpoints, checked when loading
 
     def __init__(self, out_features: int, hidden: int = 32, omega_0: float = 1., device=None, dtype=None):
         super().__init__()

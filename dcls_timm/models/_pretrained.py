@@ -67,8 +67,8 @@ from timm.models import _builder as _timm_builder
 from timm.models._hub import download_cached_file, has_hf_hub, hf_split
 
 from dcls_timm.checkpoint import (
-    CheckpointError, FilterFn, differing_block_positions, load_into, model_filter, pick_weights, read_checkpoint,
-    weights_file,
+    SETTINGS_KEY, CheckpointError, FilterFn, check_layer_settings, differing_block_positions, load_into, model_filter,
+    pick_weights, read_checkpoint, weights_file,
 )
 
 __all__ = [
@@ -213,8 +213,10 @@ def _download_from_hf(hub_id: str, filename: Optional[str], cache_dir: Any) -> s
 def read_pretrained(
         pretrained_cfg: Any,
         cache_dir: Any = None,
-) -> Tuple[str, Dict[str, torch.Tensor]]:
-    """Read the weights a pretrained cfg points to: ``(where, state_dict)``, ``where`` naming them in messages.
+) -> Tuple[str, Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Read the weights a pretrained cfg points to: ``(where, state_dict, record)``, ``where`` naming them in
+    messages, ``record`` a train.py checkpoint's layer settings and arguments (empty for other files), for
+    :func:`dcls_timm.checkpoint.check_layer_settings`.
 
     The file is read by :func:`dcls_timm.checkpoint.read_checkpoint` (weights only, ``argparse.Namespace``
     allowed; a folder through its weights file) and its weights entry picked by
@@ -251,7 +253,9 @@ def read_pretrained(
                               '--initial-checkpoint).')
     published = published_weights(cfg)
     _, state_dict = pick_weights(checkpoint, where, use_ema=None, key=published.weights_key if published else None)
-    return where, state_dict
+    # a train.py checkpoint's record of the layer settings (and the run's arguments, for the message)
+    record = {k: checkpoint[k] for k in (SETTINGS_KEY, 'args') if isinstance(checkpoint, dict) and k in checkpoint}
+    return where, state_dict, record
 
 
 def _names(value: Union[None, str, Iterable[str]]) -> Tuple[str, ...]:
@@ -349,8 +353,8 @@ def build_dcls_model(
 ) -> nn.Module:
     """timm's ``build_model_with_cfg`` with the weights of ``pretrained=True`` loaded by the project's loader.
 
-    Without ``pretrained`` it is ``build_model_with_cfg``, with the ``model_args`` of a tag named explicitly (e.g.
-    ``ckcnn_2_30.pmnist``: its permutation and omega_0) as defaults. With it: the pretrained cfg is resolved as timm
+    Without ``pretrained`` it is ``build_model_with_cfg``, with the ``model_args`` of the tag the cfg resolves to
+    (named, e.g. ``ckcnn_2_30.pmnist``: its permutation and omega_0, or a bare name's default tag) as defaults. With it: the pretrained cfg is resolved as timm
     does (``pretrained_cfg``, tag, ``pretrained_cfg_overlay``), the weights are read first (:func:`read_pretrained`),
     the published file's ``model_args`` become defaults, a file with different positions per block (matching one
     of ``block_positions``, in the file's naming) builds the model with ``dcls_shared_positions=False`` unless that
@@ -371,10 +375,12 @@ def build_dcls_model(
     """
     if not pretrained:
         tag = kwargs.get('pretrained_cfg')
-        if isinstance(tag, str) and tag:
-            # a tag named explicitly ('ckcnn_2_30.pmnist') builds what its weights were trained as, weights or not:
-            # a checkpoint of it loaded later (validate.py --checkpoint) then meets the right architecture
-            published = published_weights(resolve_pretrained_cfg(variant, pretrained_cfg=tag).to_dict())
+        if tag is None or isinstance(tag, str):
+            # the tag the model's cfg resolves to (named, 'ckcnn_2_30.pmnist', or the default one of a bare name)
+            # builds what its weights were trained as, weights or not: a checkpoint of it loaded later
+            # (validate.py --checkpoint) then meets the right architecture (omega_0 is in no state dict)
+            cfg = resolve_pretrained_cfg(variant, pretrained_cfg=tag or None)
+            published = published_weights(cfg.to_dict()) if cfg is not None else None
             for k, v in (published.model_args if published else {}).items():
                 kwargs.setdefault(k, v)
         return build_model_with_cfg(model_cls, variant, False, pretrained_filter_fn=pretrained_filter_fn, **kwargs)
@@ -385,7 +391,7 @@ def build_dcls_model(
         pretrained_cfg_overlay=kwargs.pop('pretrained_cfg_overlay', None),
     )
     cfg = pretrained_cfg.to_dict()
-    where, state_dict = read_pretrained(cfg, kwargs.get('cache_dir'))
+    where, state_dict, record = read_pretrained(cfg, kwargs.get('cache_dir'))
 
     decided: Dict[str, Any] = {}
     published = published_weights(cfg)
@@ -405,6 +411,7 @@ def build_dcls_model(
     def create(**model_kwargs: Any) -> nn.Module:
         model = model_cls(**model_kwargs)
         model.pretrained_cfg = cfg
+        check_layer_settings(model, record, where)
         num_classes = 0 if features_only else getattr(model, 'num_classes', model_kwargs.get('num_classes', 1000))
         load_pretrained_weights(model, state_dict, where, cfg, num_classes=num_classes,
                                 in_chans=model_kwargs.get('in_chans', 3), filter_fn=pretrained_filter_fn)

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 from timm.layers import ClassifierHead
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from dcls_timm.layers import FlexConv, SeparableFlexConv
 from dcls_timm.layers.pointwise import PointwiseConv1d, pointwise_conv, pointwise_matmul
@@ -28,6 +28,7 @@ from dcls_timm.layers.fused import (
     use_fused_conv)
 
 from ._classifier_net import ConvNormActStem, SequenceHead, SequenceInput, StemBlocksClassifier
+from ._pretrained import build_dcls_model
 
 __all__ = ['CCNN', 'CCNNBlock', 'checkpoint_filter_fn']
 
@@ -223,7 +224,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _create_ccnn(variant: str, pretrained: bool = False, **kwargs) -> CCNN:
-    return build_model_with_cfg(
+    # the project's loader: strict keys and shapes whatever num_classes (timm's goes non-strict when it changes)
+    return build_dcls_model(
         CCNN, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2)), **kwargs)
 

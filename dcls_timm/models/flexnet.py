@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 from timm.layers import ClassifierHead
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from dcls_timm.layers import FlexConv
 from dcls_timm.layers.dropout import dropout as fast_dropout
@@ -19,6 +19,7 @@ from dcls_timm.layers.fused import (
     conv2d_args, conv_channels_last, eager_inference, fused_conv2d, use_fused_conv)
 
 from ._classifier_net import ConvNormActStem, StemBlocksClassifier
+from ._pretrained import build_dcls_model
 
 __all__ = ['FlexNet', 'FlexNetBlock']
 
@@ -138,7 +139,8 @@ class FlexNet(StemBlocksClassifier):
 
 
 def _create_flexnet(variant: str, pretrained: bool = False, **kwargs) -> FlexNet:
-    return build_model_with_cfg(
+    # the project's loader: strict keys and shapes whatever num_classes (timm's goes non-strict when it changes)
+    return build_dcls_model(
         FlexNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)), **kwargs)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from timm.utils import CheckpointSaver, get_state_dict
 
-from dcls_timm.checkpoint import CheckpointError, read_checkpoint
+from dcls_timm.checkpoint import SETTINGS_KEY, CheckpointError, layer_settings, read_checkpoint
 
 __all__ = ['AtomicCheckpointSaver', 'rng_state', 'set_rng_state', 'load_training_checkpoint', 'plain_args']
 
@@ -84,6 +84,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
             'arch': self.args.model if self.args is not None else type(self.model).__name__.lower(),
             'state_dict': get_state_dict(self.model, self.unwrap_fn),
             'optimizer': self.optimizer.state_dict(),
+            SETTINGS_KEY: layer_settings(self.unwrap_fn(self.model)),  # D, grids, omega_0: in no state dict
         }
         if self.args is not None:
             state['args'] = plain_args(self.args)

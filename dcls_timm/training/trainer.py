@@ -21,7 +21,7 @@ from timm.utils import (
     update_summary,
 )
 
-from dcls_timm.checkpoint import load_into, load_weights, pick_weights
+from dcls_timm.checkpoint import check_layer_settings, load_into, load_weights, pick_weights
 from dcls_timm.cpu_memory import keep_freed_memory
 from dcls_timm.errors import ConfigError, check_model_name
 from dcls_timm.recipe import CompositeRecipe, DclsRecipe, FlexConvRecipe, L2PenaltyRecipe, PositionMonitor
@@ -221,6 +221,7 @@ def run(args: Any) -> Dict[str, Any]:
     checkpoint = load_training_checkpoint(args.resume) if args.resume else None
     start_epoch = 0
     if checkpoint is not None:
+        check_layer_settings(model, checkpoint, args.resume)
         load_into(model, pick_weights(checkpoint, args.resume)[1], args.resume)
         if model_ema is not None:  # the EMA weights, or the model's where the run had no EMA
             load_into(model_ema.module, pick_weights(checkpoint, args.resume, use_ema=None)[1], args.resume)
