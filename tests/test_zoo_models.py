@@ -298,6 +298,14 @@ def test_authors_file_loads_with_identical_logits(name, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(pretrained(X), expected, rtol=0, atol=0)
 
+    # no classifier (num_classes=0): the pre-logits of the file's model (an MLP head's fc1/norm go with its fc2;
+    # timm's sail filter once raised a KeyError on them)
+    headless = timm.create_model(name, pretrained=True, num_classes=0, **TINY[name],
+                                 pretrained_cfg_overlay=dict(file=str(path), num_classes=10)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(headless(X), source.forward_head(source.forward_features(X), pre_logits=True),
+                                   rtol=0, atol=0)
+
     # a model with per-layer positions takes the copies as they are
     per_layer = tiny(name, dcls_shared_positions=False).eval()
     load_weights(per_layer, path, use_ema=True)

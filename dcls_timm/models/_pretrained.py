@@ -300,6 +300,12 @@ def _adapt_to_target(
                 state_dict.pop(key, None)
                 if key in own:
                     state_dict[key] = own[key]
+            if num_classes == 0 and '.' in classifier:
+                # no classifier at all: an MLP head's other layers (MetaFormer's head.fc.fc1/norm around its
+                # head.fc.fc2) go with it, as timm's reset_classifier(0) removes them
+                head = classifier.rsplit('.', 1)[0] + '.'
+                for key in [k for k in state_dict if k.startswith(head) and k not in own]:
+                    del state_dict[key]
     return state_dict
 
 

@@ -65,6 +65,32 @@ class MetaFormerDcls(MetaFormer):
 _SAIL_POSITIONS = re.compile(r'^stages\.(?P<stage>\d+)\.(?P<block>\d+)\.(?P<rest>.+)\.(?P<name>P|SIG)$')
 
 
+class _NoTarget:
+    """Stands for a weight the model does not have: no size to reshape to."""
+
+    @staticmethod
+    def numel() -> int:
+        return -1
+
+
+class _LenientTarget:
+    """The model as timm's MetaFormer filter sees it: it reads ``model.state_dict()[new_key]`` for every renamed key
+    (to reshape), so a key the model lacks (the classifier of ``num_classes=0``) raised a KeyError; here it keeps its
+    new name, and the strict key check after the filter decides (the classifier is dropped for a new head, anything
+    else is reported as unexpected)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self._own = model.state_dict()
+
+    def state_dict(self) -> Dict[str, Any]:
+        own = self._own
+
+        class Lenient(dict):
+            def __missing__(self, key):
+                return _NoTarget
+        return Lenient(own)
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MetaFormerDcls) -> Dict[str, torch.Tensor]:
     """Adapt a checkpoint to ``model``: this project's layout, or the DCLS authors' (sail-sg metaformer) layout.
 
@@ -87,7 +113,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MetaFormerD
                 positions[key] = v.flip(0) if flip else v
             else:
                 rest[k] = v
-        state_dict = dict(_sail_checkpoint_filter_fn(rest, model), **positions)
+        state_dict = dict(_sail_checkpoint_filter_fn(rest, _LenientTarget(model)), **positions)
     return share_layer_positions(
         state_dict, model, 'create it with dcls_shared_positions=False (--model-kwargs dcls_shared_positions=False) '
                            'to load one per conv')
