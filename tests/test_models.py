@@ -157,6 +157,8 @@ def test_unknown_argument_is_a_clear_error():
         timm.create_model('convnext_tiny_dil2', kernel_count=3)
     with pytest.raises(ValueError, match='output_stride=32'):
         timm.create_model('convnext_atto_dcls', output_stride=16)
+    with pytest.raises(ValueError, match='ResNet-dcls needs an odd dcls_kernel_size, got 6'):  # was a forward crash
+        timm.create_model('resnet26_dcls', dcls_kernel_size=6)
 
 
 def test_deprecated_upstream_names():

@@ -39,6 +39,9 @@ class DclsBottleneck(Bottleneck):
             dcls_version: ``'v0'`` (bilinear, the default: the published weights), ``'v1'`` or ``'gauss'``.
             *args, **kwargs: timm ``Bottleneck`` arguments.
         """
+        if dcls_kernel_size % 2 == 0:
+            raise ValueError(f'ResNet-dcls needs an odd dcls_kernel_size, got {dcls_kernel_size}: its 3x3 convs are '
+                             'replaced with D // 2 padding on each side, which keeps their output size for odd D only.')
         super().__init__(*args, **kwargs)
         dense = self.conv2
         if dense.dilation != (1, 1):
