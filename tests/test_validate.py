@@ -53,6 +53,7 @@ def test_mce_bookkeeping_by_hand():
     del errors['fog'][5]
     partial = corruption_summary(errors)
     assert not partial['complete'] and 'mce' not in partial and 'fog' not in partial['ce']
+    assert sorted(partial['group_mean_error']) == ['blur', 'digital', 'noise']  # weather lacks fog's severity 5
 
 
 def _c_results(errors):

@@ -37,7 +37,8 @@ def corruption_summary(
     ``CE_c = sum_s E_sc / sum_s E^AlexNet_sc``; AlexNet's per-severity errors enter through their mean, so this is
     ``mean_s E_sc / ALEXNET_ERRORS[c]``. The relative CE subtracts the clean errors:
     ``(mean_s E_sc - E_clean) / (ALEXNET_ERRORS[c] - ALEXNET_CLEAN_ERROR)``. mCE (x100) averages the 15 CEs and needs
-    all 15 corruptions with all 5 severities; partial sets still get per-corruption numbers.
+    all 15 corruptions with all 5 severities, a group's mean (noise, blur, weather, digital) all of its
+    corruptions with all 5; partial sets still get per-corruption numbers.
 
     Returns:
         ``mean_error`` per corruption, ``ce`` and ``relative_ce`` per mCE corruption, ``mce``, ``relative_mce``,
@@ -50,8 +51,10 @@ def corruption_summary(
         'mean_error': mean_error,
         'ce': ce,
         'complete': len(full) == len(CORRUPTIONS),
+        # a group's mean over its corruptions with all 5 severities only: a partial run's severity 1 alone would
+        # read as a low group error
         'group_mean_error': {g: _mean([mean_error[c] for c in cs]) for g, cs in CORRUPTION_GROUPS.items()
-                             if all(c in mean_error for c in cs)},
+                             if all(c in full for c in cs)},
         'extra_mean_error': {c: mean_error[c] for c in EXTRA_CORRUPTIONS if c in mean_error},
     }
     if full:
