@@ -17,8 +17,8 @@ from PIL import Image
 import dcls_timm  # noqa: F401
 from dcls_timm.errors import ConfigError
 from dcls_timm.evaluation import (
-    ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS, CORRUPTIONS, EXTRA_CORRUPTIONS, CheckpointMismatchError, WnidImageFolder, build_parser,
-    corruption_summary, imagenet_wnids, load_weights, run, subset_classes,
+    ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS, CORRUPTIONS, EXTRA_CORRUPTIONS, CheckpointMismatchError, WnidImageFolder,
+    build_parser, corruption_summary, imagenet_wnids, load_weights, run, subset_classes,
 )
 from dcls_timm.evaluation.classes import imagenet_wnid_to_index
 from dcls_timm.evaluation.report import csv_rows, format_table
