@@ -362,10 +362,12 @@ def build_dcls_model(
     Without ``pretrained`` it is ``build_model_with_cfg``, with the ``model_args`` of the tag the cfg resolves to
     (named, e.g. ``ckcnn_2_30.pmnist``: its permutation and omega_0, or a bare name's default tag) as defaults.
     With it: the pretrained cfg is resolved as timm does (``pretrained_cfg``, tag, ``pretrained_cfg_overlay``), the
-    weights are read first (:func:`read_pretrained`), the published file's ``model_args`` become defaults, a file with different positions per block (matching one
-    of ``block_positions``, in the file's naming) builds the model with ``dcls_shared_positions=False`` unless that
-    argument is given, and the model is then built by ``build_model_with_cfg`` (features, pretrained cfg, traits)
-    with the weights loaded right after instantiation (:func:`load_pretrained_weights`), before any feature wrapper.
+    weights are read first (:func:`read_pretrained`), the published file's ``model_args`` become defaults, a file
+    with different positions per block (matching one of ``block_positions``, in the file's naming) builds the model
+    with ``dcls_shared_positions=False`` unless that argument is given, and the model is then built by
+    ``build_model_with_cfg`` (features, pretrained cfg, traits) with the weights loaded right after instantiation
+    (:func:`load_pretrained_weights`, after :func:`dcls_timm.checkpoint.check_layer_settings` for a train.py file),
+    before any feature wrapper.
 
     Args:
         model_cls: The model class (or any callable taking the model arguments).
