@@ -390,6 +390,10 @@ def test_a_bare_name_builds_its_default_tag():
     model = timm.create_model('ckcnn_2_30')
     assert model.pretrained_cfg['tag'] == 'smnist'
     assert {m.omega_0 for m in model.modules() if hasattr(m, 'omega_0')} == {31.09195739463897}
+    # not the tag's training recipe: configs naming the bare model (sCIFAR10: dropout_in 0) train with their own
+    assert model.drop_in.p == 0 and {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.}
+    tagged = timm.create_model('ckcnn_2_30.smnist')
+    assert tagged.drop_in.p == 0.1 and max(m.p for m in tagged.modules() if isinstance(m, torch.nn.Dropout)) == 0.1
     assert {m.omega_0 for m in timm.create_model('ckcnn_2_100').modules() if hasattr(m, 'omega_0')} == {30.5}
     pmnist = timm.create_model('ckcnn_2_30.pmnist')
     assert {m.omega_0 for m in pmnist.modules() if hasattr(m, 'omega_0')} == {43.45667389601194}

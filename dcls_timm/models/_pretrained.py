@@ -348,6 +348,10 @@ def _positions_per_block(
     return None
 
 
+# model arguments that act in training only: a bare model name does not take them from its default tag
+TRAINING_ONLY_ARGS = frozenset({'dropout', 'dropout_in', 'drop_rate', 'drop_path_rate', 'proj_drop_rate'})
+
+
 def build_dcls_model(
         model_cls: Callable[..., nn.Module],
         variant: str,
@@ -359,8 +363,9 @@ def build_dcls_model(
 ) -> nn.Module:
     """timm's ``build_model_with_cfg`` with the weights of ``pretrained=True`` loaded by the project's loader.
 
-    Without ``pretrained`` it is ``build_model_with_cfg``, with the ``model_args`` of the tag the cfg resolves to
-    (named, e.g. ``ckcnn_2_30.pmnist``: its permutation and omega_0, or a bare name's default tag) as defaults.
+    Without ``pretrained`` it is ``build_model_with_cfg``, with the ``model_args`` of a tag named explicitly (e.g.
+    ``ckcnn_2_30.pmnist``: its permutation, omega_0 and dropouts) as defaults; a bare name takes its default tag's
+    but those in :data:`TRAINING_ONLY_ARGS`.
     With it: the pretrained cfg is resolved as timm does (``pretrained_cfg``, tag, ``pretrained_cfg_overlay``), the
     weights are read first (:func:`read_pretrained`), the published file's ``model_args`` become defaults, a file
     with different positions per block (matching one of ``block_positions``, in the file's naming) builds the model
@@ -384,13 +389,16 @@ def build_dcls_model(
     if not pretrained:
         tag = kwargs.get('pretrained_cfg')
         if tag is None or isinstance(tag, str):
-            # the tag the model's cfg resolves to (named, 'ckcnn_2_30.pmnist', or the default one of a bare name)
-            # builds what its weights were trained as, weights or not: a checkpoint of it loaded later
-            # (validate.py --checkpoint) then meets the right architecture (omega_0 is in no state dict)
+            # a tag named explicitly ('ckcnn_2_30.pmnist') builds what its weights were trained as, recipe
+            # dropouts included, weights or not: a checkpoint of it loaded later (validate.py --checkpoint) meets the
+            # right architecture. A bare name takes its default tag's arguments that act outside training too
+            # (omega_0, which no state dict holds, the permutation), not its dropouts: a config naming the bare
+            # model trains with its own
             cfg = resolve_pretrained_cfg(variant, pretrained_cfg=tag or None)
             published = published_weights(cfg.to_dict()) if cfg is not None else None
             for k, v in (published.model_args if published else {}).items():
-                kwargs.setdefault(k, v)
+                if tag or k not in TRAINING_ONLY_ARGS:
+                    kwargs.setdefault(k, v)
         return build_model_with_cfg(model_cls, variant, False, pretrained_filter_fn=pretrained_filter_fn, **kwargs)
 
     pretrained_cfg = resolve_pretrained_cfg(
