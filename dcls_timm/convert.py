@@ -157,6 +157,22 @@ def _unsupported(name: str, conv: nn.Module) -> Optional[str]:
     return None
 
 
+def _strided_padding(name: str, conv: nn.Module, grid: Tuple[int, ...]) -> Tuple[Tuple[int, ...], Optional[str]]:
+    """The padding of a strided conv's DCLS layer that keeps the conv's output size for every input size, and why
+    none does (or None): ``p + (D - k) / 2`` per axis, so ``2p - D == 2p0 - k``, which needs ``D - k`` even.
+    Stride-1 convs pad 'same' instead (any D): ``((), None)``."""
+    if all(s == 1 for s in conv.stride):
+        return (), None
+    before = (0,) * len(grid) if isinstance(conv.padding, str) else tuple(conv.padding)  # strided: only 'valid'
+    pads = []
+    for p, k, d in zip(before, conv.kernel_size, grid):
+        if (d - k) % 2 or p + (d - k) // 2 < 0:
+            return (), (f'{name} (kernel {tuple(conv.kernel_size)}, stride {tuple(conv.stride)}, padding {before}) '
+                        f'cannot keep its output size with a grid of {tuple(grid)}')
+        pads.append(p + (d - k) // 2)
+    return tuple(pads), None
+
+
 def _holder_parent(name: str, modules: Dict[str, nn.Module]) -> str:
     """Where the positions of a group whose first layer is ``name`` live: the nearest ancestor that is not a
     container (``nn.Sequential`` runs every child, ``ModuleList``/``ModuleDict`` iterate them), else the layer."""
@@ -296,6 +312,12 @@ def convert_to_dcls(
 
     # grids and sharing groups (the group key fixes the position shape whatever K is)
     grids = {name: _grid_size(dilated_kernel_size, conv, name) for name, conv in selected}
+    problems = [p for p in (_strided_padding(n, c, grids[n])[1] for n, c in selected) if p]
+    if problems:
+        raise ConversionError('cannot convert: ' + '; '.join(problems[:4]) +
+                              (f' ... ({len(problems)} in all)' if len(problems) > 4 else '') +
+                              '. Give those layers a grid of their kernel\'s parity, or leave them out with '
+                              'exclude=[...].')
     groups: 'OrderedDict[Hashable, List[str]]' = OrderedDict()
     for name, conv in selected:
         if position_sharing == 'layer':
@@ -341,7 +363,7 @@ def convert_to_dcls(
         ndim = conv.weight.dim() - 2
         grid = grids[name]
         stride = tuple(conv.stride)
-        padding = 'same' if all(s == 1 for s in stride) else tuple(d // 2 for d in grid)
+        padding = 'same' if all(s == 1 for s in stride) else _strided_padding(name, conv, grid)[0]
         cls = _DCLS_CLASSES[ndim]
         layer = cls(
             conv.in_channels, conv.out_channels, kernel_count, stride=stride, padding=padding,

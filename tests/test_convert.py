@@ -129,6 +129,23 @@ def test_timm_resnet18_all_3x3_convs_with_strides():
     _all_grads(model, model(X))
 
 
+@pytest.mark.parametrize('size', [4, 6])
+def test_strided_convs_keep_their_output_size(size):
+    # ConvNeXt's 2x2 stride-2 downsampling convs (padding 0) on odd maps: padding p + (D - k) / 2 keeps every size
+    kw = dict(num_classes=4, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16))
+    ref, model = timm.create_model('convnext_atto', **kw).eval(), timm.create_model('convnext_atto', **kw).eval()
+    convert_to_dcls(model, size, 4, layers='all', kernel_sizes=[2])
+    x = torch.randn(1, 3, 60, 60)
+    with torch.no_grad():
+        assert [f.shape for f in model.forward_intermediates(x, intermediates_only=True)] == \
+            [f.shape for f in ref.forward_intermediates(x, intermediates_only=True)]
+    for stage in (1, 2, 3):
+        assert model.get_submodule(f'stages.{stage}.downsample.1').padding == ((size - 2) // 2,) * 2
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1))
+    convert_to_dcls(net, size + 1, 3, layers='all')  # odd grid for an odd kernel: D // 2, as before
+    assert net[0].padding == ((size + 1) // 2,) * 2 and net(torch.randn(1, 4, 15, 15)).shape[-1] == 8
+
+
 def test_dcls_recipe_groups_clamping_repulsion_and_ema():
     model = timm.create_model('mobilenetv3_small_050', num_classes=10)
     convert_to_dcls(model, 9)
@@ -260,7 +277,11 @@ def test_1d_3d_padding_modes_and_a_conv_registered_twice():
     (lambda: nn.Sequential(nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4)), {}, r'0 has dilation \(2, 2\)'),
     (lambda: nn.Sequential(nn.Conv2d(4, 4, 3, groups=4)), {}, 'does not keep the size'),
     (lambda: nn.Sequential(nn.Conv2d(4, 4, 3, padding='valid', groups=4)), {}, "padding='valid'"),
-    (lambda: nn.Sequential(nn.Conv2d(4, 4, (1, 2), stride=2, groups=4)), {}, 'iso-parameter rule gives K = 0'),
+    (lambda: nn.Sequential(nn.Conv3d(4, 4, (1, 1, 3), padding=(0, 0, 1), groups=4)), {},
+     'iso-parameter rule gives K = 0'),
+    # a strided conv keeps its output size only with a grid of its kernel's parity (it once grew by one pixel)
+    (lambda: nn.Sequential(nn.Conv2d(4, 4, 2, stride=2, groups=4)), {},
+     r'0 \(kernel \(2, 2\), stride \(2, 2\), padding \(0, 0\)\) cannot keep its output size with a grid of \(5, 5\)'),
     (lambda: nn.Conv2d(4, 4, 3, groups=4), {}, 'the model itself is a convolution'),
     (lambda: Net(), dict(version='max'), 'version must be one of'),
     (lambda: Net(), dict(layers='pointwise'), "layers must be 'depthwise', 'all'"),
