@@ -44,9 +44,13 @@ class CausalConv1d(nn.Module):
         self.groups, self.fft, self.length = groups, fft, length
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.length > 0 and x.shape[-1] != self.length:
-            raise ValueError(f'This kernel was baked for sequences of length {self.length}, got {x.shape[-1]}: '
-                             f'bake the model again with that sequence_length.')
+        if self.length > 0:
+            if x.shape[-1] != self.length:
+                raise ValueError(f'This kernel was baked for sequences of length {self.length}, got {x.shape[-1]}: '
+                                 f'bake the model again with that sequence_length.')
+            # tracing (jit.trace, ONNX) drops the check above: a reshape to the fixed length keeps it in the graph
+            # (another length then fails there instead of running with this length's kernel); eager: a no-op view
+            x = x.reshape(x.shape[0], x.shape[1], self.length)
         return causal_conv1d(x, self.weight, self.bias, self.groups, self.fft)
 
     def extra_repr(self) -> str:

@@ -96,6 +96,11 @@ def test_bake_sequence_models_at_a_length(name, kwargs):
     torch.testing.assert_close(scripted(x), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(Exception, match='baked for sequences of length 64'):
         scripted(torch.randn(2, 1, 10, 10))
+    # tracing records no Python check: the graph itself refuses another length (it once ran with this kernel)
+    traced = torch.jit.trace(baked, x, check_trace=False)
+    torch.testing.assert_close(traced(torch.flip(x, [0])), ref.flip(0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError):
+        traced(torch.randn(2, 1, 10, 10))
     # long kernels keep the FFT path after baking
     long_model = timm.create_model(name, in_chans=1, **kwargs).eval()
     with torch.no_grad():
