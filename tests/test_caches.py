@@ -253,3 +253,25 @@ def test_cache_holds_nothing_off_cpu_and_keys_dtype_shape():
     with torch.inference_mode():
         inference = torch.ones(3)
         assert cache.get([inference], 'k') == 'value'
+
+
+@pytest.mark.parametrize('swapped', ['P', 'SIG'])
+def test_gauss_geometry_reused_for_a_swapped_parameter_keeps_its_own_values(swapped):
+    # the Gaussian geometry builds its derivatives at the first backward: it once read them from views of the
+    # tensors it was built from, which a parameter swapped for an equal one (then the old one changed) made stale
+    from dcls_timm.layers import Dcls2d
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 12, 12)
+    layer = Dcls2d(4, 4, 5, padding='same', dilated_kernel_size=9, groups=4, version='gauss')
+    fresh = copy.deepcopy(layer)
+    old = getattr(layer, swapped)
+    with torch.no_grad():
+        layer(x)  # builds (and caches) the geometry from `old`
+    setattr(layer, swapped, nn.Parameter(old.detach().clone()))
+    with torch.no_grad():
+        old.add_(1.)
+    grad = torch.randn(2, 4, 12, 12)
+    got = torch.autograd.grad(layer(x), [layer.weight, layer.P, layer.SIG], grad)
+    expected = torch.autograd.grad(fresh(x), [fresh.weight, fresh.P, fresh.SIG], grad)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)

@@ -182,3 +182,17 @@ def test_gauss_kernels_hold_no_denormal_floats():
     tiny = torch.finfo(kernel.dtype).tiny
     assert ((kernel != 0) & (kernel.abs() < tiny)).sum() == 0
     assert (kernel == 0).any() and kernel.abs().max() > 0
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_gauss_kernel_is_linear_in_the_weights_at_any_scale(dtype):
+    """The tail floor is relative to each filter's peak: an absolute one zeroed taps of small-weight filters (whole
+    filters below |w| ~ 1e-11), while the backward kept the uncut kernel's gradient."""
+    torch.manual_seed(0)
+    weight = torch.randn(4, 2, 5, dtype=dtype)
+    P, SIG = torch.randn(2, 4, 2, 5, dtype=dtype), torch.rand(2, 4, 2, 5, dtype=dtype)
+    reference = construct_kernel(weight, P, SIG, (7, 7), 'gauss')
+    for scale in (1e-6, 1e-9, 1e-11):
+        scaled = construct_kernel(weight * scale, P, SIG, (7, 7), 'gauss')
+        torch.testing.assert_close(scaled, reference * scale)
+        assert torch.equal(scaled == 0, reference == 0)

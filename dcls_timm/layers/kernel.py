@@ -88,9 +88,10 @@ class _GaussGeometry:
     (and each layer's backward) can reuse it."""
 
     def __init__(self, P: torch.Tensor, SIG: torch.Tensor, sizes: Sequence[int]):
-        # no copies: a cached geometry is only returned while P and SIG hold the values it was built from (the
-        # cache compares them), and autograd's version check refuses a backward after they changed in place
-        self.P, self.SIG, self.sizes = P.detach(), SIG.detach(), tuple(sizes)
+        # copies (a few values per element): the derivatives are built later, by the first backward, and a cached
+        # geometry also serves other tensors holding the same values (a parameter swapped for an equal one), so
+        # views would read the first tensors as they are then, changed in place or not
+        self.P, self.SIG, self.sizes = P.detach().clone(), SIG.detach().clone(), tuple(sizes)
         self.profiles = interpolation_profiles(self.P, self.SIG, sizes, 'gauss')  # [O, I, D, K] per axis, floored
         self.sums = [p.sum(-2) for p in self.profiles]  # [O, I, K] per axis
         self._derivatives: Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]] = None
@@ -135,7 +136,10 @@ class _GaussKernel2d(torch.autograd.Function):
         ctx.save_for_backward(weight, P, SIG)
         ctx.sizes, ctx.window, ctx.cache = sizes, window, cache
         kernel = torch.matmul(a[..., r0:r1, :] * scaled.unsqueeze(-2), b[..., c0:c1, :].transpose(-1, -2))
-        return kernel.masked_fill_(kernel.abs() < _GAUSS_FLOOR, 0.)
+        # products of two floored tails, relative to each filter's peak (an absolute floor cut small-weight filters
+        # down to zero): no denormal floats in the convolution
+        peak = kernel.abs().amax((-2, -1), keepdim=True)
+        return kernel.masked_fill_(kernel.abs() < _GAUSS_FLOOR * peak, 0.)
 
     @staticmethod
     def backward(ctx, grad):
