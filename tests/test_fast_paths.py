@@ -145,3 +145,34 @@ def test_training_step_equals_the_reference(case, spread):
             _close(b, r, r.abs().max().item(), f'buffer {name}')
         else:
             assert torch.equal(b, r), name
+
+
+class _HalfInEval(nn.Module):
+    """Not an identity in eval (as a drop path that scales by the survival rate at test time)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 0.5
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_fast_paths_see_user_changes(case):
+    """What a user may change after construction, which the fast paths once missed silently: strided biases (oneDNN's
+    fused ops read a bias as packed) and modules in the dropout slots that are not the identity in eval."""
+    from timm.layers import DropPath
+    model = _model(case, spread=False).eval()
+    x = torch.randn(2, *CASES[case][1])
+    with torch.no_grad():
+        for m in model.modules():
+            bias = getattr(m, 'bias', None)
+            if isinstance(bias, nn.Parameter) and bias.dim() == 1 and bias.numel() > 1:
+                m.bias = nn.Parameter(torch.stack([bias, torch.full_like(bias, 9.)], 1)[:, 0])  # stride 2
+                assert not m.bias.is_contiguous()
+    slots = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, (nn.modules.dropout._DropoutNd, DropPath))]
+    for parent, name in slots:
+        setattr(parent, name, _HalfInEval().eval())
+    with torch.inference_mode():
+        fast = model(x)
+        with _Reference(model):
+            ref = model(x)
+    _close(fast, ref, ref.abs().max().item(), 'logits')

@@ -21,12 +21,13 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import GELU as TimmGELU
+from timm.layers import DropPath, GELU as TimmGELU
 from torch.nn.modules import module as _module
 
 from ._autograd import autograd_function_unsupported
 
-__all__ = ['fused_ops_available', 'eager_unhooked', 'eager_inference', 'use_fused_mlp', 'mlp_residual',
+__all__ = ['fused_ops_available', 'eager_unhooked', 'eager_inference', 'identity_in_eval', 'use_fused_mlp',
+           'mlp_residual',
            'fold_batch_norm', 'batch_norm_affine', 'eval_batch_norm', 'fused_activation', 'conv2d_args',
            'use_fused_conv', 'conv_channels_last', 'fused_conv2d']
 
@@ -100,6 +101,22 @@ def eager_inference(x: torch.Tensor, modules: Sequence[nn.Module]) -> bool:
         and not any(m.training for mod in modules for m in mod.modules())
 
 
+def _packed(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # oneDNN's fused ops read a bias as packed: a strided or expanded one (a view set by hand, or passed through
+    # torch.func.functional_call) was read wrongly, silently
+    return None if bias is None else bias.contiguous()
+
+
+_EVAL_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, DropPath)
+
+
+def identity_in_eval(*modules: nn.Module) -> bool:
+    """Every module is one whose eval forward is the identity (an ``nn.Identity``, PyTorch's dropouts, timm's
+    ``DropPath``; exact types, not subclasses): a fast path may skip it in eval. Anything a user put in such a
+    slot instead (e.g. a drop path that scales by the survival rate at test time) keeps the module path."""
+    return all(type(m) in _EVAL_IDENTITIES for m in modules)
+
+
 def _cpu_float32(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return (x.device.type == 'cpu' and x.dtype == torch.float32 and x.numel() > 0
             and all(w.dtype == torch.float32 for w in weights)
@@ -124,13 +141,14 @@ def mlp_residual(x: torch.Tensor, shortcut: torch.Tensor, fc1: nn.Linear, fc2: n
     ``[..., C_out]`` (same leading shape), through two fused oneDNN matmuls. Call only where
     :func:`use_fused_mlp` holds."""
     lead = x.shape[:-1]
-    h = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), fc1.weight, fc1.bias, 'gelu', [], 'none')
+    h = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), fc1.weight, _packed(fc1.bias), 'gelu', [],
+                                           'none')
     weight, bias = fc2.weight, fc2.bias
     if gamma is not None:
         weight = weight * gamma.unsqueeze(1)
         bias = bias * gamma if bias is not None else None
     out = torch.ops.mkldnn._linear_pointwise.binary(
-        h, shortcut.reshape(-1, shortcut.shape[-1]), weight, bias, 'add')
+        h, shortcut.reshape(-1, shortcut.shape[-1]), weight, _packed(bias), 'add')
     return out.view(*lead, out.shape[-1])
 
 
@@ -213,6 +231,7 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         weight, bias = fold_batch_norm(weight, bias, bn)
     name = fused_activation(act)
     algorithm = 'none' if name == 'gelu' else ''
+    bias = _packed(bias)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=memory_format)
     if residual is None:

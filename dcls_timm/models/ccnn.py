@@ -25,7 +25,7 @@ from dcls_timm.layers import FlexConv, SeparableFlexConv
 from dcls_timm.layers.pointwise import PointwiseConv1d, pointwise_conv, pointwise_matmul
 from dcls_timm.layers.fused import (
     batch_norm_affine, conv2d_args, conv_channels_last, eager_inference, eager_unhooked, eval_batch_norm, fused_conv2d,
-    use_fused_conv)
+    identity_in_eval, use_fused_conv)
 
 from ._classifier_net import ConvNormActStem, SequenceHead, SequenceInput, StemBlocksClassifier
 from ._pretrained import build_dcls_model
@@ -71,7 +71,8 @@ class CCNNBlock(nn.Module):
     def _inplace_inference(self, x: torch.Tensor) -> bool:
         """Eager no-grad evaluation of the default block, with no hooks that could see (or miss) a tensor."""
         parts = (self.norm, self.conv, self.act1, self.drop, self.linear, self.act2)
-        return self.fast_path and not self.training and eager_inference(x, parts) and type(self.act1) is nn.GELU \
+        return self.fast_path and not self.training and eager_inference(x, parts) and identity_in_eval(self.drop) \
+            and type(self.act1) is nn.GELU \
             and type(self.act2) is nn.GELU and type(self.conv) is SeparableFlexConv \
             and type(self.linear) in (PointwiseConv1d, nn.Conv1d, nn.Conv2d) \
             and isinstance(self.norm, nn.modules.batchnorm._BatchNorm)

@@ -21,7 +21,7 @@ from timm.models.convnext import checkpoint_filter_fn as _fb_checkpoint_filter_f
 
 from dcls_timm.checkpoint import share_block_positions
 from dcls_timm.layers import Dcls2d, share_positions
-from dcls_timm.layers.fused import eager_inference, mlp_residual, use_fused_mlp
+from dcls_timm.layers.fused import eager_inference, identity_in_eval, mlp_residual, use_fused_mlp
 from ._pretrained import build_dcls_model, dcls_cfg
 
 __all__ = ['ConvNeXtDcls', 'ConvNeXtDenseDw', 'ConvNeXtFusedBlock', 'iso_param_kernel_count', 'set_fused_mlp']
@@ -77,6 +77,7 @@ class ConvNeXtFusedBlock(ConvNeXtBlock):
         if self.fast_path and not self.training and not self.use_conv_mlp and type(self.mlp) is Mlp \
                 and isinstance(self.mlp.norm, nn.Identity) and isinstance(self.shortcut, nn.Identity) \
                 and use_fused_mlp(x, self.mlp.fc1, self.mlp.act, self.mlp.fc2) \
+                and identity_in_eval(self.mlp.drop1, self.mlp.drop2, self.drop_path) \
                 and eager_inference(x, (self.mlp, self.shortcut, self.drop_path)):
             y = self.norm(self.conv_dw(x).permute(0, 2, 3, 1))
             return mlp_residual(y, x.permute(0, 2, 3, 1), self.mlp.fc1, self.mlp.fc2, self.gamma).permute(0, 3, 1, 2)

@@ -16,7 +16,7 @@ from timm.models import generate_default_cfgs, register_model
 from dcls_timm.layers import FlexConv
 from dcls_timm.layers.dropout import dropout as fast_dropout
 from dcls_timm.layers.fused import (
-    conv2d_args, conv_channels_last, eager_inference, fused_conv2d, use_fused_conv)
+    conv2d_args, conv_channels_last, eager_inference, fused_conv2d, identity_in_eval, use_fused_conv)
 
 from ._classifier_net import ConvNormActStem, StemBlocksClassifier
 from ._pretrained import build_dcls_model
@@ -51,7 +51,7 @@ class FlexNetBlock(nn.Module):
     @torch.jit.unused
     def _fused_inference(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The block through two fused convolutions, or None where that path does not apply."""
-        if not self.fast_path or not eager_inference(x, tuple(self.children())) \
+        if not self.fast_path or not identity_in_eval(self.drop) or not eager_inference(x, tuple(self.children())) \
                 or not (use_fused_conv(x, self.act1, self.bn1)
                         and use_fused_conv(x, self.act2, self.bn2, residual=True)):
             return None
