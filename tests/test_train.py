@@ -262,14 +262,23 @@ def _free_port():
 
 
 def test_torchrun_two_processes_gloo(image_folder, tmp_path):
+    # 11 validation images: the sampler gives each rank 6, repeating one, which once counted twice in top-1
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_addr=127.0.0.1',
-           f'--master_port={_free_port()}', str(ROOT / 'train.py'), *_argv(image_folder, tmp_path)]
+           f'--master_port={_free_port()}', str(ROOT / 'train.py'), *_argv(image_folder, tmp_path),
+           '--val-subset', '11']
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert log.count('(11 samples)') == 4 and '(12 samples)' not in log  # model and EMA, 2 epochs
     out = tmp_path / 'run'
     result = json.loads((out / 'results.json').read_text())
-    assert result['world_size'] == 2 and result['ranks_in_sync'] is True
+    assert result['world_size'] == 2 and result['ranks_in_sync'] is True  # the model and its EMA
+    hits = result['eval']['top1'] * 11 / 100
+    assert abs(hits - round(hits)) < 1e-6  # a count of the 11 images
+    # each rank's random state is saved, and differs (each rank draws its own augmentations)
+    ranks = torch.load(out / 'last.pth.tar', weights_only=True)['rng_ranks']
+    assert len(ranks) == 2 and not torch.equal(ranks[0]['torch'], ranks[1]['torch'])
     assert sorted(p.name for p in tmp_path.iterdir()) == ['run']  # one experiment folder: one writer
     assert not list(out.glob('*.partial')) and not (out / 'tmp.pth.tar').exists()
     assert len((out / 'summary.csv').read_text().splitlines()) == 3
@@ -443,3 +452,37 @@ def test_model_best_follows_the_ema_metric(image_folder, tmp_path, monkeypatch):
     assert (result['best_metric_name'], result['best_metric'], result['best_epoch']) == ('ema_top1', 60., 2)
     best = torch.load(tmp_path / 'run' / 'model_best.pth.tar', weights_only=True)
     assert best['epoch'] == 2
+
+
+def test_resume_restores_each_ranks_random_state(caplog):
+    from argparse import Namespace
+    from dcls_timm.training.checkpoint import rng_state
+    from dcls_timm.training.trainer import _restore_rng
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(rng_state())
+    checkpoint = {'rng': states[0], 'rng_ranks': states}
+    args = Namespace(distributed=True, world_size=2, rank=1, resume='last.pth.tar')
+    _restore_rng(checkpoint, args)
+    assert torch.equal(torch.get_rng_state(), states[1]['torch'])  # rank 1's own (rank 0's once, on every rank)
+    # a file without a state per rank (another world size): seeded apart from rank 0's, with a warning
+    _restore_rng({'rng': states[0]}, args)
+    assert not torch.equal(torch.get_rng_state(), states[0]['torch'])
+    assert 'holds no random state for each of these 2 ranks' in caplog.text
+    _restore_rng({'rng': states[0]}, Namespace(distributed=False, world_size=1, rank=0, resume='x'))
+    assert torch.equal(torch.get_rng_state(), states[0]['torch'])  # one process: exact, as before
+
+
+def test_torchrun_batchnorm_ema_is_the_same_on_every_rank(image_folder, tmp_path):
+    # each rank's EMA once copied its own BatchNorm statistics: the ranks evaluated different EMAs, mixed in ema_top1
+    argv = _argv(image_folder, tmp_path, '--epochs', '1', '--warmup-epochs', '0', '--no-tensorboard')
+    model_at = argv.index('--model')
+    argv[model_at + 1:model_at + 6] = ['resnet26_dcls', '--model-kwargs', 'layers=(1,1,1,1)',
+                                       'channels=(8,16,32,64)', 'stem_width=8']
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_addr=127.0.0.1',
+           f'--master_port={_free_port()}', str(ROOT / 'train.py'), *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS='1'),
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / 'run' / 'results.json').read_text())['ranks_in_sync'] is True

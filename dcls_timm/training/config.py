@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra model args: key=value')
     g.add_argument('--torchcompile', nargs='?', const='inductor', default=None, help='torch.compile backend')
     g.add_argument('--sync-bn', action='store_true')
+    g.add_argument('--dist-bn', default='reduce', choices=['reduce', 'broadcast', ''],
+                   help="distributed: each epoch, make the BatchNorm statistics of the model and its EMA the same on "
+                        "every rank before evaluating and saving: 'reduce' (their mean, timm's default), 'broadcast' "
+                        "(rank 0's) or '' (leave them: each rank's EMA would then differ)")
 
     g = p.add_argument_group('Device and precision')
     g.add_argument('--device', default=None, help="'cuda', 'cpu', ... (default: cuda when available)")

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from timm.utils import AverageMeter, accuracy, dispatch_clip_grad, reduce_tensor, unwrap_model
+from timm.utils import AverageMeter, dispatch_clip_grad, unwrap_model
 
 
 __all__ = ['NonFiniteLossError', 'train_one_epoch', 'evaluate']
@@ -131,9 +131,11 @@ def train_one_epoch(
                 f'{seen * args.world_size / (time.perf_counter() - start):.1f} img/s')
 
     elapsed = time.perf_counter() - start
-    metrics = OrderedDict(loss=loss_m.avg, task_loss=task_m.avg)
-    for name, meter in aux_m.items():  # always present, so summary.csv keeps its columns
-        metrics[name] = meter.avg if meter.count else 0.
+    # the epoch's means over every rank's samples (the meters above hold this rank's: the log lines are local)
+    means = _global_means([loss_m, task_m, *aux_m.values()], args.distributed, device)
+    metrics = OrderedDict(loss=means[0], task_loss=means[1])
+    for name, mean in zip(aux_m, means[2:]):  # always present, so summary.csv keeps its columns
+        metrics[name] = mean
     metrics['img_per_sec'] = seen * args.world_size / max(elapsed, 1e-9)
     for i, group in enumerate(optimizer.param_groups):
         metrics[f"lr_{group.get('group_name', i)}"] = group['lr']
@@ -151,27 +153,52 @@ def evaluate(
         log_suffix: str = '',
         is_primary: bool = True,
 ) -> Dict[str, float]:
-    """Top-1/top-5 and loss over ``loader`` (averaged over ranks when distributed)."""
+    """Top-1/top-5 and loss over ``loader``, each sample counted once: under a distributed sampler the samples
+    it repeats to give every rank as many are left out, and the sums are added over the ranks."""
     model.eval()
-    loss_m, top1_m, top5_m = AverageMeter(), AverageMeter(), AverageMeter()
+    real = _real_samples(loader)  # this rank's samples that are not padding (they come first), None: all
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, samples
     for inputs, target in loader:
         inputs, target = inputs.to(device), target.to(device)
+        n = inputs.shape[0]
+        keep = n if real is None else max(0, min(n, real))
+        real = None if real is None else real - n
+        if keep == 0:
+            continue
+        inputs, target = inputs[:keep], target[:keep]
         if args.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with amp_autocast():
             output = model(inputs)
             loss = loss_fn(output, target)
         k = min(5, output.shape[-1])
-        acc1, acc5 = accuracy(output, target, topk=(1, k))
-        if args.distributed:
-            loss = reduce_tensor(loss.detach(), args.world_size)
-            acc1 = reduce_tensor(acc1, args.world_size)
-            acc5 = reduce_tensor(acc5, args.world_size)
-        n = inputs.shape[0]
-        loss_m.update(loss.item(), n)
-        top1_m.update(acc1.item(), n)
-        top5_m.update(acc5.item(), n)
-    metrics = OrderedDict(loss=loss_m.avg, top1=top1_m.avg, top5=top5_m.avg)
+        correct = output.topk(k, dim=1).indices.eq(target.view(-1, 1))
+        sums += torch.stack([loss.detach().double() * keep, correct[:, :1].sum().double(),
+                             correct.sum().double(), torch.tensor(float(keep), dtype=torch.float64, device=device)])
+    if args.distributed:
+        dist.all_reduce(sums)
+    loss_sum, top1, top5, count = sums.tolist()
+    count = max(count, 1.)
+    metrics = OrderedDict(loss=loss_sum / count, top1=100. * top1 / count, top5=100. * top5 / count)
     if is_primary:
-        _logger.info(f'Eval{log_suffix}: loss {loss_m.avg:.4f} top1 {top1_m.avg:.3f} top5 {top5_m.avg:.3f}')
+        _logger.info(f"Eval{log_suffix}: loss {metrics['loss']:.4f} top1 {metrics['top1']:.3f} "
+                     f"top5 {metrics['top5']:.3f} ({int(count)} samples)")
     return metrics
+
+
+def _real_samples(loader) -> Optional[int]:
+    """How many of this rank's samples are the dataset's own under a distributed sampler, which pads the index
+    list (wrapping around) so every rank gets as many: rank ``r`` reads list positions ``r, r + W, ...``, the padding
+    sits at positions ``>= len(dataset)``, so last. None without such a sampler (every sample counts)."""
+    sampler = getattr(loader, 'sampler', None)
+    if not all(hasattr(sampler, a) for a in ('rank', 'num_replicas', 'dataset')):
+        return None
+    return len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))
+
+
+def _global_means(meters, distributed: bool, device: torch.device):
+    """The meters' means over every rank's updates (sums and counts added over the ranks); 0 for an empty one."""
+    totals = torch.tensor([[m.sum, m.count] for m in meters], dtype=torch.float64, device=device)
+    if distributed:
+        dist.all_reduce(totals)
+    return [s / c if c else 0. for s, c in totals.tolist()]

@@ -6,7 +6,7 @@ import os
 import time
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import timm
 import torch
@@ -17,8 +17,8 @@ from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTarget
 from timm.optim import create_optimizer_v2, get_optimizer_info, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import (
-    ModelEmaV3, NativeScaler, get_outdir, unwrap_model, init_distributed_device, random_seed, setup_default_logging, trim_summary,
-    update_summary,
+    ModelEmaV3, NativeScaler, distribute_bn, get_outdir, unwrap_model, init_distributed_device, random_seed,
+    setup_default_logging, trim_summary, update_summary,
 )
 
 from dcls_timm.checkpoint import check_layer_settings, load_into, load_weights, pick_weights
@@ -272,6 +272,7 @@ def run(args: Any) -> Dict[str, Any]:
         state=checkpoint.get('lr_scheduler') if checkpoint is not None else None)
 
     output_dir, saver, writer = None, None, None
+    rng_by_rank: Dict[str, Any] = {}
     if primary:
         name = args.experiment or '-'.join([time.strftime('%Y%m%d-%H%M%S'), args.model])
         args.experiment = name
@@ -283,6 +284,7 @@ def run(args: Any) -> Dict[str, Any]:
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing='loss' in args.eval_metric,
             max_history=args.checkpoint_hist,
             extra_state=lambda: {'rng': rng_state(),
+                                 **({'rng_ranks': rng_by_rank['states']} if rng_by_rank.get('states') else {}),
                                  **({'lr_scheduler': lr_scheduler.state_dict()} if lr_scheduler is not None else {})})
         if checkpoint is not None and 'saver' in checkpoint and \
                 os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(output_dir):
@@ -295,7 +297,7 @@ def run(args: Any) -> Dict[str, Any]:
 
     monitor = PositionMonitor(unwrap_model(model)) if DclsRecipe.applies_to(unwrap_model(model)) else None
     if checkpoint is not None and 'rng' in checkpoint:
-        set_rng_state(checkpoint['rng'])  # last: everything before consumed randomness a fresh run did not
+        _restore_rng(checkpoint, args)  # last: everything before consumed randomness a fresh run did not
 
     num_updates = start_epoch * updates_per_epoch
     # with an EMA, its metric picks model_best and drives a plateau schedule, as in timm's train.py: the EMA
@@ -312,6 +314,12 @@ def run(args: Any) -> Dict[str, Any]:
             epoch, model, loader_train, optimizer, train_loss_fn, args, device, lr_scheduler=lr_scheduler,
             recipe=recipe, model_ema=model_ema, mixup_fn=mixup_fn, amp_autocast=amp_autocast,
             loss_scaler=loss_scaler, num_updates=num_updates, is_primary=primary)
+        if args.distributed and args.dist_bn:
+            # DDP broadcasts the model's buffers from rank 0 at each forward, but each rank's EMA copies its own
+            # BatchNorm statistics: without this, every rank evaluated a different EMA and the metrics mixed them
+            for m in (model, model_ema):
+                if m is not None:
+                    distribute_bn(m, args.world_size, args.dist_bn == 'reduce')
         eval_metrics = {}
         if loader_eval is not None:
             eval_metrics = evaluate(model, loader_eval, eval_loss_fn, args, device, amp_autocast, is_primary=primary)
@@ -321,6 +329,8 @@ def run(args: Any) -> Dict[str, Any]:
                 eval_metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
         if lr_scheduler is not None:  # --sched none: a constant lr
             lr_scheduler.step(epoch + 1, eval_metrics.get(metric_name))
+        # every rank's random state goes into the checkpoint (each rank draws its own augmentations)
+        rng_by_rank['states'] = _gather_objects(rng_state()) if args.distributed else None
         if primary:
             speeds = monitor.epoch_speed() if monitor is not None else {}
             _log_epoch(writer, epoch, train_metrics, eval_metrics, speeds, monitor)
@@ -333,7 +343,9 @@ def run(args: Any) -> Dict[str, Any]:
               'best_metric': best[0], 'best_epoch': best[1], 'best_metric_name': metric_name,
               'world_size': args.world_size}
     if args.distributed:
-        result['ranks_in_sync'] = _ranks_in_sync(unwrap_model(model), device)
+        # the model and its EMA (BatchNorm statistics included)
+        result['ranks_in_sync'] = all(_ranks_in_sync(unwrap_model(m), device) for m in (model, model_ema)
+                                      if m is not None)
         if primary and not result['ranks_in_sync']:
             _logger.error('The ranks ended with different weights.')
     if primary:
@@ -345,6 +357,28 @@ def run(args: Any) -> Dict[str, Any]:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return result
+
+
+def _gather_objects(obj: Any) -> List[Any]:
+    gathered: List[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _restore_rng(checkpoint: Dict[str, Any], args) -> None:
+    """Each rank's own random state from the checkpoint (``rng_ranks``, saved under torchrun). A file with rank 0's
+    state only (a single-process run, or another world size) seeds each rank apart from it, as a fresh run is
+    seeded (seed + rank): the same state on every rank would draw the same augmentations everywhere."""
+    ranks = checkpoint.get('rng_ranks')
+    if args.distributed and isinstance(ranks, list) and len(ranks) == args.world_size:
+        set_rng_state(ranks[args.rank])
+        return
+    set_rng_state(checkpoint['rng'])
+    if args.distributed:
+        _logger.warning(f"{args.resume} holds no random state for each of these {args.world_size} ranks (saved by "
+                        f"{len(ranks) if isinstance(ranks, list) else 1} process(es)): each rank is seeded from it "
+                        f"plus its rank, so the run continues as a fresh one would, not exactly as it would have.")
+        random_seed(int(torch.randint(2 ** 31 - 1, (1,)).item()), args.rank)
 
 
 def _ranks_in_sync(model: nn.Module, device: torch.device) -> bool:
