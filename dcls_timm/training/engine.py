@@ -163,13 +163,14 @@ def evaluate(
         n = inputs.shape[0]
         keep = n if real is None else max(0, min(n, real))
         real = None if real is None else real - n
-        if keep == 0:
-            continue
-        inputs, target = inputs[:keep], target[:keep]
         if args.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with amp_autocast():
-            output = model(inputs)
+            # every batch through the model, padding included: a DDP forward may synchronise buffers across ranks
+            output = model(inputs)[:keep]
+            target = target[:keep]
+            if keep == 0:
+                continue
             loss = loss_fn(output, target)
         k = min(5, output.shape[-1])
         correct = output.topk(k, dim=1).indices.eq(target.view(-1, 1))
