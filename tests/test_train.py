@@ -492,3 +492,23 @@ def test_torchrun_batchnorm_ema_is_the_same_on_every_rank(image_folder, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / 'run' / 'results.json').read_text())['ranks_in_sync'] is True
     assert (proc.stdout + proc.stderr).count('(11 samples)') == 2
+
+
+def test_flexconv_recipe_defaults_follow_the_kernel_networks():
+    # CCNN's kernel networks once got FlexConv's anti-aliasing term (8.7e8 at init for CCNN-4,140, driving the masks
+    # alone) and its mask lr x 0.1 (the authors' CCNN code trains them at the full lr)
+    import timm
+    from dcls_timm.training.trainer import _flexconv_recipe
+    ccnn = timm.create_model('ccnn_4_140', width=8, hidden=8, depth=1)
+    flexnet = timm.create_model('flexnet_3', widths=(8, 8))
+    recipe = _flexconv_recipe(parse_args(['--model', 'ccnn_4_140']), ccnn)
+    assert (recipe.mask_lr_scale, recipe.antialias_factor) == (1., 0.)
+    recipe = _flexconv_recipe(parse_args(['--model', 'flexnet_3']), flexnet)
+    assert (recipe.mask_lr_scale, recipe.antialias_factor) == (0.1, 0.1)
+    recipe = _flexconv_recipe(parse_args(['--model', 'ccnn_4_140', '--mask-lr-scale', '0.1']), ccnn)
+    assert recipe.mask_lr_scale == 0.1  # given: kept
+    with pytest.raises(ConfigError, match='--antialias-factor 0.1: the anti-aliasing regulariser budgets FlexConv'):
+        _flexconv_recipe(parse_args(['--model', 'ccnn_4_140', '--antialias-factor', '0.1']), ccnn)
+    for name in ('smnist', 'pmnist', 'scifar10', 'cifar10'):
+        args = parse_args(['-c', str(ROOT / 'configs' / f'ccnn_4_140_{name}.yaml')])
+        assert _flexconv_recipe(args, ccnn).antialias_factor == 0.

@@ -144,8 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('FlexConv recipe (on by default for models with FlexConv/CKConv layers)')
     g.add_argument('--flexconv-recipe', default='auto', choices=['auto', 'on', 'off'])
-    g.add_argument('--mask-lr-scale', type=float, default=0.1, help='lr multiplier of the Gaussian masks')
-    g.add_argument('--antialias-factor', type=float, default=0.1, help='anti-aliasing loss weight (0: off)')
+    g.add_argument('--mask-lr-scale', type=float, default=None,
+                   help='lr multiplier of the Gaussian masks (default: 0.1, the FlexConv recipe; 1 for CCNN, as its '
+                        "authors' code)")
+    g.add_argument('--antialias-factor', type=float, default=None,
+                   help="anti-aliasing loss weight (0: off; default: 0.1 for FlexConv's kernel networks, 0 for CCNN's, "
+                        'for which its budget does not hold)')
     g.add_argument('--antialias-target', default='gabor+mask', choices=['gabor', 'gabor+mask'])
     g.add_argument('--l2-penalty', type=float, default=0., metavar='LAMBDA',
                    help='add LAMBDA * (sum of L2 norms, not squared) to the loss, as CCNN/CKCNN train (use with '

@@ -24,6 +24,7 @@ from timm.utils import (
 from dcls_timm.checkpoint import check_layer_settings, load_into, load_weights, pick_weights
 from dcls_timm.cpu_memory import keep_freed_memory
 from dcls_timm.errors import ConfigError, check_model_name
+from dcls_timm.layers import continuous_convs
 from dcls_timm.recipe import CompositeRecipe, DclsRecipe, FlexConvRecipe, L2PenaltyRecipe, PositionMonitor
 
 from .checkpoint import AtomicCheckpointSaver, load_training_checkpoint, plain_args, rng_state, set_rng_state
@@ -57,6 +58,21 @@ def _resolve_lr(args: Any) -> float:
     return lr
 
 
+def _flexconv_recipe(args: Any, model: nn.Module) -> FlexConvRecipe:
+    """The FlexConv recipe with the defaults of the model's kernel networks: FlexConv's (masks at lr x 0.1, the
+    anti-aliasing regulariser at 0.1, SPEC 2.2-2.3) or CCNN's (``init='ccnn'``: masks at the full lr, as its authors'
+    code; no regulariser, whose budget assumes FlexConv's init: CCNN's filters, scaled by 2 pi omega_0, start some
+    1e4 above any grid's Nyquist frequency, so the term, about 8.7e8 for CCNN-4,140, would set the masks alone)."""
+    ccnn = any(m.initialized is not None for m in continuous_convs(model))
+    antialias = args.antialias_factor if args.antialias_factor is not None else (0. if ccnn else 0.1)
+    if ccnn and antialias > 0:
+        raise ConfigError(f'--antialias-factor {antialias}: the anti-aliasing regulariser budgets FlexConv kernel '
+                          f"networks; {args.model}'s have CCNN's init, whose filter frequencies start far above any "
+                          "grid's Nyquist frequency (the term would dominate training): use --antialias-factor 0.")
+    mask_lr = args.mask_lr_scale if args.mask_lr_scale is not None else (1. if ccnn else 0.1)
+    return FlexConvRecipe(mask_lr_scale=mask_lr, antialias_factor=antialias, antialias_target=args.antialias_target)
+
+
 def _recipe(args: Any, model: nn.Module) -> Optional[CompositeRecipe]:
     """The recipes that apply: each is on for models it fits ('auto'), forced ('on') or off."""
     parts = []
@@ -65,9 +81,7 @@ def _recipe(args: Any, model: nn.Module) -> Optional[CompositeRecipe]:
             position_lr_scale=args.position_lr_scale, position_weight_decay=args.position_weight_decay,
             clamp=not args.no_clamp_positions, repulsive_weight=args.repulsive_weight,
             repulsive_after_epoch=args.repulsive_after_epoch)),
-        ('flexconv_recipe', FlexConvRecipe, lambda: FlexConvRecipe(
-            mask_lr_scale=args.mask_lr_scale, antialias_factor=args.antialias_factor,
-            antialias_target=args.antialias_target)),
+        ('flexconv_recipe', FlexConvRecipe, lambda: _flexconv_recipe(args, model)),
     ]:
         mode, fits = getattr(args, flag), cls.applies_to(model)
         if mode == 'on' and not fits:
