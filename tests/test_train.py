@@ -512,3 +512,13 @@ def test_flexconv_recipe_defaults_follow_the_kernel_networks():
     for name in ('smnist', 'pmnist', 'scifar10', 'cifar10'):
         args = parse_args(['-c', str(ROOT / 'configs' / f'ccnn_4_140_{name}.yaml')])
         assert _flexconv_recipe(args, ccnn).antialias_factor == 0.
+
+
+def test_fastvit_channels_last_training_on_cpu_is_refused(image_folder, tmp_path):
+    # an upstream bug (torch 2.14.1 CPU): timm's own fastvit_sa24 corrupts the heap in channels-last training
+    argv = _argv(image_folder, tmp_path, '--channels-last')
+    at = argv.index('--model')
+    argv[at + 1:at + 6] = ['fastvit_sa24_dcls', '--model-kwargs', 'layers=(1,1,1,1)', 'embed_dims=(8,16,32,64)',
+                           'dcls_kernel_size=5']
+    with pytest.raises(ConfigError, match='training FastViT channels-last on CPU corrupts memory'):
+        run(parse_args(argv))

@@ -14,6 +14,7 @@ import torch.nn as nn
 import yaml
 from timm.data import Mixup, FastCollateMixup, resolve_data_config
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models.fastvit import FastVit
 from timm.optim import create_optimizer_v2, get_optimizer_info, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import (
@@ -214,6 +215,13 @@ def run(args: Any) -> Dict[str, Any]:
         model.set_grad_checkpointing(enable=True)
     model.to(device)
     if args.channels_last:
+        if device.type == 'cpu' and isinstance(model, FastVit):
+            # measured 2026-12-02 with torch 2.14.1: timm's own fastvit_sa24 (no DCLS layer) aborts with heap
+            # corruption ("corrupted size vs. prev_size") within a few channels-last training steps on CPU (its
+            # stem alone does too); inference in that layout is fine
+            raise ConfigError('--channels-last: training FastViT channels-last on CPU corrupts memory in this PyTorch '
+                              "(also timm's own fastvit models: an upstream bug); train it without --channels-last "
+                              'on CPU.')
         model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
