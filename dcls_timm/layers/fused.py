@@ -27,9 +27,8 @@ from torch.nn.modules import module as _module
 from ._autograd import autograd_function_unsupported
 
 __all__ = ['fused_ops_available', 'eager_unhooked', 'eager_inference', 'identity_in_eval', 'use_fused_mlp',
-           'mlp_residual',
-           'fold_batch_norm', 'batch_norm_affine', 'eval_batch_norm', 'fused_activation', 'conv2d_args',
-           'use_fused_conv', 'conv_channels_last', 'fused_conv2d']
+           'mlp_residual', 'fold_batch_norm', 'batch_norm_affine', 'eval_batch_norm', 'fused_activation',
+           'conv2d_args', 'use_fused_conv', 'conv_channels_last', 'fused_conv2d']
 
 
 def _probe() -> bool:
