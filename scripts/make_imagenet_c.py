@@ -35,12 +35,15 @@ def _seed(rel: str, corruption: str, severity: int) -> int:
 
 
 def _prepare(path: str, resize: int, crop: int) -> Image.Image:
+    """The official set's geometry, torchvision's ``Resize(resize)`` then ``CenterCrop(crop)``: the longer side
+    truncated (``int(resize * long / short)``), the crop offset rounded (rounding both ways shifted or rescaled
+    most ImageNet sizes by a pixel, e.g. 500x334)."""
     img = Image.open(path).convert('RGB')
     w, h = img.size
-    scale = resize / min(w, h)
-    img = img.resize((max(crop, round(w * scale)), max(crop, round(h * scale))), Image.BILINEAR)
+    size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+    img = img.resize((max(crop, size[0]), max(crop, size[1])), Image.BILINEAR)
     w, h = img.size
-    left, top = (w - crop) // 2, (h - crop) // 2
+    left, top = int(round((w - crop) / 2.)), int(round((h - crop) / 2.))
     return img.crop((left, top, left + crop, top + crop))
 
 
@@ -79,6 +82,11 @@ def _list_images(src: str, limit_per_class: int) -> List[str]:
     images = []
     for wnid in sorted(e.name for e in os.scandir(src) if e.is_dir()):
         files = sorted(f for f in os.listdir(os.path.join(src, wnid)) if f.lower().endswith(IMG_EXTENSIONS))
+        stems = [os.path.splitext(f)[0] for f in files]
+        twins = sorted({f for f, stem in zip(files, stems) if stems.count(stem) > 1})
+        if twins:  # both would be written as <stem>.JPEG: one of them silently lost
+            raise ValueError(f'{os.path.join(src, wnid)}: {", ".join(twins[:6])} share a name but for the extension; '
+                             'the output is <name>.JPEG, so rename them apart.')
         images += [os.path.join(wnid, f) for f in (files[:limit_per_class] if limit_per_class else files)]
     return images
 
@@ -108,7 +116,10 @@ def main(argv=None):
         parser.error('--crop must be >= 32 (the corruptions need 32 px at least)')
     if not os.path.isdir(args.src):
         parser.error(f'source folder not found: {args.src}')
-    images = _list_images(args.src, args.limit_per_class)
+    try:
+        images = _list_images(args.src, args.limit_per_class)
+    except ValueError as e:
+        parser.error(str(e))
     if not images:
         parser.error(f'no images in {args.src} (expected <src>/<wnid>/<image>)')
     os.makedirs(args.out, exist_ok=True)

@@ -334,7 +334,7 @@ def test_layer_settings_outside_the_state_dict_are_recorded_and_checked(image_fo
     # every family records what its state dict does not show
     assert {'omega_0': 31.09195739463897} in layer_settings(timm.create_model('ckcnn_2_30')).values()
     ccnn = layer_settings(timm.create_model('ccnn_4_140', depth=1, width=8, hidden=8))
-    assert ccnn['stem.0.depthwise'] == {'train_kernel_size': 33, 'causal': False}
+    assert ccnn['stem.0.depthwise'] == {'train_kernel_size': 33, 'kernel_size': 33, 'causal': False}
 
 
 def test_train_starts_from_an_upstream_layout_file(image_folder, tmp_path):  # noqa: F811

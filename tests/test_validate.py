@@ -263,24 +263,46 @@ def test_generator_is_deterministic_and_resumable(tmp_path):
     for i, wnid in enumerate(WNIDS[:2]):
         _image(src / wnid / f'{i}.png', i, size=50)
     script = [sys.executable, str(ROOT / 'scripts' / 'make_imagenet_c.py'), '--src', str(src), '--resize', '40',
-              '--crop', '32', '--corruptions', 'glass_blur', 'fog', 'frost', 'spatter', '--severities', '1', '5',
-              '--no-progress']
+              '--crop', '32', '--corruptions', 'glass_blur', 'fog', 'frost', 'spatter', 'impulse_noise',
+              '--severities', '1', '5', '--no-progress']
     one = subprocess.run(script + ['--out', str(tmp_path / 'a'), '--workers', '1'], capture_output=True, text=True)
     two = subprocess.run(script + ['--out', str(tmp_path / 'b'), '--workers', '2'], capture_output=True, text=True)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
-    assert 'wrote 16 files' in one.stdout
-    assert _tree_hash(tmp_path / 'a') == _tree_hash(tmp_path / 'b')  # same bytes whatever the workers
+    assert 'wrote 20 files' in one.stdout
+    # same bytes whatever the workers (impulse_noise once drew from scikit-image's unseeded generator)
+    assert _tree_hash(tmp_path / 'a') == _tree_hash(tmp_path / 'b')
     img = Image.open(next((tmp_path / 'a' / 'fog' / '5').rglob('*.JPEG')))
     assert img.size == (32, 32) and img.format == 'JPEG'
     marker = json.loads((tmp_path / 'a' / 'GENERATED_BY_DCLS_TIMM.json').read_text())
     assert marker['label'] == 'ImageNet-C-style'
     (next((tmp_path / 'a' / 'frost' / '1').rglob('*.JPEG'))).unlink()  # as if interrupted
     again = subprocess.run(script + ['--out', str(tmp_path / 'a')], capture_output=True, text=True)
-    assert 'wrote 1 files, skipped 15' in again.stdout
+    assert 'wrote 1 files, skipped 19' in again.stdout
     assert _tree_hash(tmp_path / 'a') == _tree_hash(tmp_path / 'b')
     bad = subprocess.run(script[:-1] + ['--out', str(tmp_path / 'c'), '--corruptions', 'rain'],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and 'unknown corruption' in bad.stderr
+    _image(src / WNIDS[0] / '0.JPEG', 7, size=50)  # 0.png's twin: both would be written as 0.JPEG
+    twins = subprocess.run(script + ['--out', str(tmp_path / 'd')], capture_output=True, text=True)
+    assert twins.returncode == 2 and '0.JPEG, 0.png share a name but for the extension' in twins.stderr
+
+
+def test_generator_geometry_is_torchvisions(tmp_path):
+    # the official set: Resize(256) then CenterCrop(224); rounding both ways once moved or rescaled most sizes
+    import importlib.util
+    from torchvision import transforms
+    spec = importlib.util.spec_from_file_location('make_imagenet_c', ROOT / 'scripts' / 'make_imagenet_c.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    reference = transforms.Compose([transforms.Resize(256, interpolation=transforms.InterpolationMode.BILINEAR),
+                                    transforms.CenterCrop(224)])
+    rng = np.random.default_rng(0)
+    for size in [(500, 334), (500, 332), (353, 500), (500, 375), (257, 300)]:
+        path = tmp_path / f'{size[0]}x{size[1]}.png'
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+        ours = np.asarray(module._prepare(str(path), 256, 224))
+        theirs = np.asarray(reference(Image.open(path).convert('RGB')))
+        assert ours.shape == (224, 224, 3) and np.array_equal(ours, theirs), size
 
 
 def test_cli_errors(tmp_path):

@@ -7,6 +7,7 @@ textures, calls ``skimage.filters.gaussian(multichannel=True)`` (removed in scik
 live in that package's module namespace only; NumPy, scikit-image and setuptools themselves are left as they are.
 """
 import importlib
+import inspect
 import os
 import sys
 import types
@@ -37,6 +38,33 @@ def _gaussian_compat(gaussian: Callable) -> Callable:
             kwargs['channel_axis'] = -1 if multichannel else None
         return gaussian(image, *args, **kwargs)
     return wrapped
+
+
+class _SeededUtil:
+    """``skimage.util`` whose ``random_noise`` draws from NumPy's global state when given no generator: scikit-image
+    >= 0.19 takes a fresh unseeded generator instead, which made ``impulse_noise`` differ on every run whatever the
+    caller seeded (the other corruptions use ``np.random``)."""
+
+    def __init__(self, util):
+        self._util = util
+
+    def __getattr__(self, name):
+        return getattr(self._util, name)
+
+    def random_noise(self, image, *args, **kwargs):
+        params = inspect.signature(self._util.random_noise).parameters
+        if 'rng' in params and kwargs.get('rng') is None:
+            kwargs['rng'] = np.random.randint(2 ** 31)
+        return self._util.random_noise(image, *args, **kwargs)
+
+
+class _SeededSkimage:
+    def __init__(self, sk):
+        self._sk = sk
+        self.util = _SeededUtil(sk.util)
+
+    def __getattr__(self, name):
+        return getattr(self._sk, name)
 
 
 def _import_with_shims():
@@ -82,5 +110,7 @@ def load_corrupt() -> Tuple[Callable, Tuple[str, ...]]:
         module.gaussian._dcls_timm_compat = True
     if not hasattr(np, 'float_'):
         module.np = _NumpyCompat()
+    if not isinstance(module.sk, _SeededSkimage):
+        module.sk = _SeededSkimage(module.sk)
     names = tuple(f.__name__ for f in package.corruption_tuple)
     return package.corrupt, names

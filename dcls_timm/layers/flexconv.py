@@ -335,9 +335,9 @@ def _depthwise_causal_fft_conv(x: torch.Tensor, weight: torch.Tensor, size: int,
 
 class _ContinuousConvNd(nn.Module):
     """A convolution whose kernel MAGNet generates on a coordinate grid, optionally masked and cropped."""
-    # what the outputs depend on beyond the state dict (the grid trained on; kernel_size may be changed for
-    # evaluation at another resolution): recorded in train.py checkpoints, checked when loading
-    checkpoint_settings = ('train_kernel_size', 'causal')
+    # what the outputs depend on beyond the state dict (the grid built with and the one sampled on now, which
+    # set_kernel_resolution changes, also before training): recorded in train.py checkpoints, checked when loading
+    checkpoint_settings = ('train_kernel_size', 'kernel_size', 'causal')
 
     def __init__(
             self,
@@ -657,8 +657,8 @@ def set_kernel_resolution(model: nn.Module, kernel_size: int) -> int:
     """Sample every continuous kernel on a ``kernel_size`` grid (e.g. 33 for a model trained at 17 on half-size
     images); kernel values are scaled by ``((train_size - 1) / (kernel_size - 1))^dim``. Causal 1-D layers are left
     as they are. Returns the count of layers changed."""
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f'kernel_size must be odd and >= 1, got {kernel_size}.')
+    if kernel_size < 3 or kernel_size % 2 == 0:  # one point has no spacing to scale by
+        raise ValueError(f'kernel_size must be odd and >= 3, got {kernel_size}.')
     layers = [m for m in continuous_convs(model) if not m.causal]  # causal 1-D grids follow the sequence length
     for m in layers:
         m.kernel_size = kernel_size
