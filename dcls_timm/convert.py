@@ -173,6 +173,14 @@ def _strided_padding(name: str, conv: nn.Module, grid: Tuple[int, ...]) -> Tuple
     return tuple(pads), None
 
 
+def _refuse(reasons: Sequence[Optional[str]], advice: str) -> None:
+    """One ``ConversionError`` naming the layers that cannot be converted (their reasons), if any."""
+    problems = [r for r in reasons if r]
+    if problems:
+        raise ConversionError('cannot convert: ' + '; '.join(problems[:4]) +
+                              (f' ... ({len(problems)} in all)' if len(problems) > 4 else '') + f'. {advice}')
+
+
 def _holder_parent(name: str, modules: Dict[str, nn.Module]) -> str:
     """Where the positions of a group whose first layer is ``name`` live: the nearest ancestor that is not a
     container (``nn.Sequential`` runs every child, ``ModuleList``/``ModuleDict`` iterate them), else the layer."""
@@ -304,20 +312,13 @@ def convert_to_dcls(
                 f'include={include}, exclude={exclude}')
         raise ConversionError(f'no convolution of {type(model).__name__} matches ({rule}); '
                               f"its convolutions: {found or 'none'}.")
-    problems = [p for p in (_unsupported(n, c) for n, c in selected) if p]
-    if problems:
-        raise ConversionError('cannot convert: ' + '; '.join(problems[:4]) +
-                              (f' ... ({len(problems)} in all)' if len(problems) > 4 else '') +
-                              '. Leave such layers out with exclude=[...] or a narrower include/layers rule.')
+    _refuse([_unsupported(n, c) for n, c in selected],
+            'Leave such layers out with exclude=[...] or a narrower include/layers rule.')
 
     # grids and sharing groups (the group key fixes the position shape whatever K is)
     grids = {name: _grid_size(dilated_kernel_size, conv, name) for name, conv in selected}
-    problems = [p for p in (_strided_padding(n, c, grids[n])[1] for n, c in selected) if p]
-    if problems:
-        raise ConversionError('cannot convert: ' + '; '.join(problems[:4]) +
-                              (f' ... ({len(problems)} in all)' if len(problems) > 4 else '') +
-                              '. Give those layers a grid of their kernel\'s parity, or leave them out with '
-                              'exclude=[...].')
+    _refuse([_strided_padding(n, c, grids[n])[1] for n, c in selected],
+            "Give those layers a grid of their kernel's parity, or leave them out with exclude=[...].")
     groups: 'OrderedDict[Hashable, List[str]]' = OrderedDict()
     for name, conv in selected:
         if position_sharing == 'layer':

@@ -47,13 +47,13 @@ class _SeededUtil:
 
     def __init__(self, util):
         self._util = util
+        self._takes_rng = 'rng' in inspect.signature(util.random_noise).parameters
 
     def __getattr__(self, name):
         return getattr(self._util, name)
 
     def random_noise(self, image, *args, **kwargs):
-        params = inspect.signature(self._util.random_noise).parameters
-        if 'rng' in params and kwargs.get('rng') is None:
+        if self._takes_rng and kwargs.get('rng') is None:
             kwargs['rng'] = np.random.randint(2 ** 31)
         return self._util.random_noise(image, *args, **kwargs)
 

@@ -73,22 +73,22 @@ class _NoTarget:
         return -1
 
 
-class _LenientTarget:
-    """The model as timm's MetaFormer filter sees it: it reads ``model.state_dict()[new_key]`` for every renamed key
-    (to reshape), so a key the model lacks (the classifier of ``num_classes=0``) raised a KeyError; here it keeps its
+class _LenientState(dict):
+    """The model's state dict as timm's MetaFormer filter reads it (``model.state_dict()[new_key]`` for every renamed
+    key, to reshape): a key the model lacks (the classifier of ``num_classes=0``) raised a KeyError; here it keeps its
     new name, and the strict key check after the filter decides (the classifier is dropped for a new head, anything
     else is reported as unexpected)."""
 
+    def __missing__(self, key):
+        return _NoTarget
+
+
+class _LenientTarget:
     def __init__(self, model: torch.nn.Module):
-        self._own = model.state_dict()
+        self._state = _LenientState(model.state_dict())
 
     def state_dict(self) -> Dict[str, Any]:
-        own = self._own
-
-        class Lenient(dict):
-            def __missing__(self, key):
-                return _NoTarget
-        return Lenient(own)
+        return self._state
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MetaFormerDcls) -> Dict[str, torch.Tensor]:
